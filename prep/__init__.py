@@ -1,0 +1,1 @@
+"""bertprep: turn text into pre-masked, fixed-length BERT training shards."""

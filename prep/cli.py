@@ -1,0 +1,234 @@
+"""`bertprep`: the command line of the preprocessing half. Parses options, calls the work functions, prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from prep.errors import BertError
+
+DEFAULT_VOCAB_DIR = Path("data/vocab")
+
+
+class _Group(click.Group):
+    """Turns our user errors into one line on stderr and exit status 1, and Ctrl-C into exit 130, without a trace."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BertError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written; run the command again to start over", err=True)
+            sys.exit(130)
+
+
+def quiet_option(f):
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(f)
+
+
+def casing_option(default):
+    def decorate(f):
+        return click.option("--uncased/--cased", "lowercase", default=default,
+                            help="Lowercase and strip accents, as BERT uncased does"
+                                 + (" (default: uncased)." if default else " (default: the vocabulary's)."))(f)
+    return decorate
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bertprep")
+def main():
+    """Turn text into pre-masked, fixed-length BERT training shards.
+
+    \b
+    Example:
+      bertprep vocab -i wiki.train.tokens
+      bertprep shard --max-len 128 --seed 123
+      bertprep peek data/wiki_128 -n 2
+    """
+
+
+@main.command()
+@click.option("-i", "--input", "inputs", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Corpus: plain text, WikiText, JSON Lines with a `text` field; .zst compressed or not. Repeatable.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=DEFAULT_VOCAB_DIR, show_default=True,
+              help="Vocabulary directory to write.")
+@click.option("--vocab-size", type=int, default=30522, show_default=True)
+@click.option("--model-type", type=click.Choice(["wordpiece", "unigram", "bpe"]), default="wordpiece",
+              show_default=True, help="wordpiece writes a BERT vocab.txt; unigram/bpe a SentencePiece model too.")
+@casing_option(True)
+@click.option("--sample-lines", type=int, default=2_000_000, show_default=True,
+              help="Most lines fed to the trainer, sampled evenly over the corpus, so memory stays bounded.")
+@click.option("--threads", type=int, default=0, help="Trainer threads (default: all cores).")
+@click.option("--force", is_flag=True, help="Replace an existing vocabulary directory.")
+def vocab(inputs, out_dir, vocab_size, model_type, lowercase, sample_lines, threads, force):
+    """Train a vocabulary with SentencePiece and record what it was trained on.
+
+    \b
+    Example:
+      bertprep vocab -i wiki.train.tokens --vocab-size 30522
+    """
+    from prep.vocab import VocabConfig, make_vocab
+
+    try:
+        config = VocabConfig(vocab_size=vocab_size, model_type=model_type, lowercase=lowercase,
+                             sample_lines=sample_lines, threads=threads)
+    except ValueError as exc:
+        raise click.UsageError(str(exc))
+    record = make_vocab(list(inputs), out_dir, config, force=force)
+    click.echo(f"wrote {out_dir}/vocab.txt: {record['vocab_size']:,} tokens ({record['model_type']}, "
+               f"{'uncased' if record['lowercase'] else 'cased'}) from {record['lines_used']:,} lines")
+
+
+@main.command()
+@click.option("-i", "--input", "inputs", multiple=True, type=click.Path(path_type=Path),
+              help="Corpus (repeatable). Default: the corpus the vocabulary was trained on.")
+@click.option("--vocab", "vocab_path", type=click.Path(path_type=Path), default=DEFAULT_VOCAB_DIR, show_default=True,
+              help="Vocabulary directory or a BERT vocab.txt.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path),
+              help="Dataset directory. Default: data/{label}_{max_len}.")
+@click.option("--label", help="Dataset label. Default: the first input's file name up to its first dot.")
+@click.option("--max-len", type=int, default=128, show_default=True, help="Tokens per row (8..4096).")
+@click.option("--seed", type=int, default=12345, show_default=True)
+@click.option("--mask-prob", type=float, default=0.15, show_default=True)
+@click.option("--max-predictions", type=int, help="Masked positions per row at most. Default: ceil(max_len × mask_prob).")
+@click.option("--whole-word", is_flag=True, help="Mask all pieces of a chosen word together.")
+@click.option("--dupe-factor", type=int, default=1, show_default=True,
+              help="Differently masked copies of the training rows.")
+@click.option("--nsp", is_flag=True, help="Sentence pairs with token_type_ids and nsp_labels.")
+@click.option("--nsp-mode", type=click.Choice(["random", "swap"]), default="random", show_default=True,
+              help="random: B from another document half of the time; swap: A and B swapped (ALBERT's SOP).")
+@click.option("--short-seq-prob", type=float, default=0.1, show_default=True)
+@click.option("--val-fraction", type=float, default=0.01, show_default=True,
+              help="Share of documents held out for validation.")
+@click.option("--val", "val_inputs", multiple=True, type=click.Path(path_type=Path),
+              help="Explicit validation corpus instead of a held-out share (repeatable).")
+@click.option("--rows-per-shard", type=int, default=0, help="Rows per shard file (default: about 64 MiB a shard).")
+@click.option("--workers", type=int, default=0, help="Tokenizing processes (default: all cores).")
+@casing_option(None)
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@quiet_option
+def shard(inputs, vocab_path, out_dir, label, max_len, seed, mask_prob, max_predictions, whole_word, dupe_factor,
+          nsp, nsp_mode, short_seq_prob, val_fraction, val_inputs, rows_per_shard, workers, lowercase, force, quiet):
+    """Tokenize, pack, mask and shuffle a corpus into memmap shards plus a manifest.
+
+    \b
+    Example:
+      bertprep shard --max-len 128 --seed 123
+      bertprep shard -i corpus.jsonl.zst --max-len 512 --nsp --whole-word -o data/corpus_512
+    """
+    from prep.masking import MaskingConfig
+    from prep.pipeline import ShardConfig, build_shards
+    from prep.vocab import load_vocab_record
+
+    if not inputs:
+        record = load_vocab_record(vocab_path)
+        if not record or not record.get("inputs"):
+            raise click.UsageError(f"no -i/--input given and {vocab_path} records no corpus: pass -i FILE")
+        inputs = tuple(Path(entry["path"]) for entry in record["inputs"])
+    label = label or Path(inputs[0]).name.split(".")[0] or "corpus"
+    out_dir = out_dir or Path("data") / f"{label}_{max_len}"
+    try:
+        masking = MaskingConfig(mask_prob, max_predictions or MaskingConfig.default_max_predictions(max_len, mask_prob),
+                                whole_word)
+    except ValueError as exc:
+        raise click.UsageError(str(exc))
+    config = ShardConfig(
+        inputs=tuple(inputs), vocab=vocab_path, out_dir=out_dir, max_len=max_len, seed=seed, masking=masking, nsp=nsp,
+        nsp_mode=nsp_mode, short_seq_prob=short_seq_prob, dupe_factor=dupe_factor, val_fraction=val_fraction,
+        val_inputs=tuple(val_inputs), rows_per_shard=rows_per_shard, lowercase=lowercase, label=label,
+        workers=workers, force=force, progress=not quiet,
+    )
+    result = build_shards(config)
+    click.echo(_shard_summary(out_dir, result))
+
+
+def _shard_summary(out_dir: Path, result: dict) -> str:
+    summary, splits, stats = result["summary"], result["splits"], result["stats"]
+    read = stats["read"]
+    lines = [f"wrote {out_dir}: {summary['documents']:,} documents in {summary['seconds']:.1f} s "
+             f"({summary['tokens_per_s'] / 1e3:,.0f}k tokens/s, {summary['workers']} workers)"]
+    for name, info in splits.items():
+        split = stats["splits"][name]
+        dropped = ", ".join(f"{k} {v}" for k, v in split["dropped"].items()) or "none"
+        lines.append(f"  {name:5s} {info['rows']:>10,} rows {info['tokens']:>12,} tokens {info['masked']:>11,} masked "
+                     f"padding {split['padding_share']:.2%}  {len(info['shards'])} shards  dropped documents: {dropped}")
+    if read.get("invalid_utf8"):
+        lines.append(f"  note: {read['invalid_utf8']:,} invalid UTF-8 sequences were replaced with U+FFFD")
+    for key in ("long_lines_split", "long_documents_split"):
+        if read.get(key):
+            lines.append(f"  note: {read[key]:,} {key.replace('_', ' ')}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("dataset_dir", type=click.Path(path_type=Path))
+@click.option("--split", default="train", show_default=True)
+@click.option("-n", "count", type=int, default=3, show_default=True, help="Rows to show.")
+@click.option("--row", type=int, help="Show this row (and the next n-1).")
+@click.option("--stats", "show_stats", is_flag=True, help="Measured statistics instead of rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--color/--no-color", default=None, help="Highlight masked positions (default: when a terminal).")
+def peek(dataset_dir, split, count, row, show_stats, as_json, color):
+    """Show rows of a dataset decoded, masks and targets visible, or its statistics.
+
+    \b
+    Example:
+      bertprep peek data/wiki_128 -n 2
+      bertprep peek data/wiki_128 --split val --stats
+    """
+    from prep.peek import format_row, format_stats, row_view, split_stats
+    from prep.shards import open_dataset
+    from prep.wordpiece import Vocab
+
+    dataset = open_dataset(dataset_dir)
+    tokens = Vocab.load(dataset.vocab_file).tokens
+    rows = dataset.split(split).rows
+    if show_stats:
+        stats = split_stats(dataset, tokens, split)
+        click.echo(json.dumps(stats, indent=1) if as_json else format_stats(stats))
+        return
+    start = row or 0
+    if not 0 <= start < rows:
+        raise click.UsageError(f"--row {start} is outside split {split!r}, which has {rows} rows")
+    views = [row_view(dataset, tokens, split, i) for i in range(start, min(start + count, rows))]
+    if as_json:
+        click.echo(json.dumps(views, indent=1))
+        return
+    use_color = sys.stdout.isatty() if color is None else color
+    click.echo("\n\n".join(format_row(v, use_color) for v in views))
+
+
+@main.command()
+@click.argument("dataset_dir", type=click.Path(path_type=Path))
+def verify(dataset_dir):
+    """Re-hash every file against the manifest and check shapes and value ranges.
+
+    \b
+    Example:
+      bertprep verify data/wiki_128
+    """
+    from prep.shards import verify_dataset
+
+    result = verify_dataset(dataset_dir)
+    rows = ", ".join(f"{name} {n:,} rows" for name, n in result["rows"].items())
+    click.echo(f"ok: {dataset_dir}: {result['files']} files match the manifest ({rows})")
+
+
+@main.command("demo-corpus")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("data/pydoc.txt"), show_default=True)
+def demo_corpus(out):
+    """Write the offline demo corpus: the Python standard library's docstrings as plain text.
+
+    \b
+    Example:
+      bertprep demo-corpus -o data/pydoc.txt
+    """
+    from prep.democorpus import write_demo_corpus
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = write_demo_corpus(out)
+    click.echo(f"wrote {out}: {info['documents']:,} documents, {info['lines']:,} lines, {info['bytes'] / 1e6:.1f} MB")

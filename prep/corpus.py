@@ -1,0 +1,524 @@
+"""Input text: read files into documents and lines, split sentences, sample lines, pick the validation split.
+
+Three input formats, each optionally zstandard-compressed (a ``.zst`` suffix):
+
+- ``text``: blank-line-separated blocks of lines; each block is a document.
+- ``wikitext``: WikiText-style articles; a `` = Title = `` line starts a new document, deeper headings
+  (`` = = Sub = = ``) stay inside it as a line holding the heading words.
+- ``jsonl``: one JSON object per line; its ``"text"`` string is one document.
+
+Reading streams: files are read in binary chunks of ``_CHUNK_BYTES`` and decoded incrementally, so memory stays
+bounded by the chunk size, ``max_line_chars`` and ``max_doc_chars`` whatever the size of a file or of one line.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator, Sequence
+
+import zstandard
+
+from prep.errors import BertError
+
+FORMATS = ("text", "wikitext", "jsonl")
+
+_CHUNK_BYTES = 1 << 18
+_DETECT_BYTES = 1 << 16
+# A JSON-escaped character takes at most 6 characters (\uXXXX), so a record line this long can still hold a
+# document of max_doc_chars; a longer record is refused rather than read whole.
+_JSON_ESCAPE_FACTOR = 6
+_DEFAULT_MAX_LINE_CHARS = 1_000_000
+_DEFAULT_MAX_DOC_CHARS = 10_000_000
+
+# "= Title =" (one '=' each side) or "= = Sub = =" (deeper), after stripping; group 1 holds one side's markers.
+_HEADING = re.compile(r"(=(?: =)*) (.*\S) \1")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@dataclass
+class ReadStats:
+    """Counts gathered while reading; reported in the shard manifest."""
+
+    files: int = 0
+    bytes: int = 0  # bytes of text read, after zstandard decompression
+    lines: int = 0  # non-empty lines delivered (a cut long line counts once per piece)
+    invalid_utf8: int = 0  # U+FFFD replacement characters we inserted for undecodable bytes
+    long_lines_split: int = 0  # lines longer than max_line_chars, cut at whitespace into pieces
+    long_documents_split: int = 0  # documents longer than max_doc_chars, cut into several documents
+
+    def as_dict(self) -> dict:
+        """The counts as a plain dict of ints, ready for JSON or msgpack."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: the unit that sentence pairs are drawn from and that goes wholly to train or validation."""
+
+    index: int  # 0-based position in input order over all inputs (unique)
+    lines: tuple[str, ...]  # the document's non-empty lines (paragraphs), stripped of surrounding whitespace
+
+
+def detect_format(path: Path) -> str:
+    """Return "text", "wikitext" or "jsonl" for an input path.
+
+    A ``.zst`` suffix is looked through. ``.jsonl``/``.ndjson`` -> jsonl; a name ending in ``.tokens`` -> wikitext;
+    otherwise wikitext when the first non-blank line is a `` = Title = `` heading, else text.
+    Raises BertError if the path is missing or a directory.
+    """
+    path = Path(path)
+    _check_input(path)
+    name = path.name.lower()
+    if name.endswith(".zst"):
+        name = name[: -len(".zst")]
+    if name.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".tokens"):
+        return "wikitext"
+    return "wikitext" if _starts_with_title(path) else "text"
+
+
+def read_documents(
+    paths: Sequence[Path],
+    stats: ReadStats,
+    *,
+    max_line_chars: int = _DEFAULT_MAX_LINE_CHARS,
+    max_doc_chars: int = _DEFAULT_MAX_DOC_CHARS,
+) -> Iterator[Document]:
+    """Yield the documents of all inputs in order, each with a unique 0-based index.
+
+    Every line is stripped and non-empty, at most ``max_line_chars`` characters (longer lines are cut at whitespace
+    into consecutive lines); every document holds at most ``max_doc_chars`` characters of line text (a longer one
+    is cut between lines into consecutive documents). Documents without a non-empty line are skipped and get no
+    index. Updates ``stats`` as it goes. Raises BertError for a missing input, a directory, a bad jsonl record or
+    corrupt zstandard data, and when the inputs hold no document at all.
+    """
+    _check_limits(max_line_chars, max_doc_chars)
+    paths = _checked_inputs(paths)
+    index = 0
+    lines: list[str] = []
+    doc_chars = 0
+    doc_was_cut = False
+    for line in _line_events(paths, stats, max_line_chars, _JSON_ESCAPE_FACTOR * max_doc_chars):
+        if line is None:
+            if lines:
+                yield Document(index, tuple(lines))
+                index += 1
+                lines, doc_chars = [], 0
+            doc_was_cut = False
+            continue
+        if lines and doc_chars + len(line) > max_doc_chars:
+            yield Document(index, tuple(lines))
+            index += 1
+            lines, doc_chars = [], 0
+            if not doc_was_cut:
+                stats.long_documents_split += 1
+                doc_was_cut = True
+        lines.append(line)
+        doc_chars += len(line)
+    if lines:
+        yield Document(index, tuple(lines))
+        index += 1
+    if index == 0:
+        raise _empty_input_error(paths)
+
+
+def iter_lines(
+    paths: Sequence[Path], stats: ReadStats, *, max_line_chars: int = _DEFAULT_MAX_LINE_CHARS
+) -> Iterator[str]:
+    """Yield every non-empty line of all inputs in order, as read_documents would put them in documents.
+
+    Same decoding, heading and long-line rules as read_documents (jsonl: the lines of each record's text;
+    wikitext: heading words without '=' markers). Raises BertError like read_documents.
+    """
+    max_doc_chars = max(max_line_chars, _DEFAULT_MAX_DOC_CHARS)  # here it only bounds a jsonl record's length
+    _check_limits(max_line_chars, max_doc_chars)
+    paths = _checked_inputs(paths)
+    found = False
+    for line in _line_events(paths, stats, max_line_chars, _JSON_ESCAPE_FACTOR * max_doc_chars):
+        if line is not None:
+            found = True
+            yield line
+    if not found:
+        raise _empty_input_error(paths)
+
+
+def sample_lines(lines: Iterable[str], max_lines: int) -> list[str]:
+    """Return an evenly spaced sample of at most ``max_lines`` lines, in input order, in one pass.
+
+    Keeps every s-th line (s a power of two, starting at 1); whenever more than ``max_lines`` are held, every other
+    kept line is dropped and s doubles. So the result is lines 0, s, 2s, ... for the smallest power of two s that
+    gives at most ``max_lines`` of them, memory never exceeds ``max_lines + 1`` lines, and the output is
+    deterministic. If the input has at most ``max_lines`` lines, all of them are returned.
+    """
+    if max_lines < 1:
+        raise BertError(f"max_lines must be at least 1, got {max_lines}; ask for a positive number of lines")
+    kept: list[str] = []
+    step = 1
+    for i, line in enumerate(lines):
+        if i % step:
+            continue
+        kept.append(line)
+        if len(kept) > max_lines:
+            # kept[j] is line j*step, so kept[::2] is exactly the lines at multiples of 2*step.
+            kept = kept[::2]
+            step *= 2
+    return kept
+
+
+# Characters a sentence may start with: uppercase letters (Latin, Greek, Cyrillic, ... below U+3000), digits,
+# opening quotes and brackets. Built once; str.isupper is the only portable Unicode test re lacks.
+_SENTENCE_START = "".join(ch for ch in map(chr, range(0x3000)) if ch.isupper() or ch.istitle())
+_SENTENCE_BOUNDARY = re.compile(
+    # a terminator that does not end a listed abbreviation or a single capital initial ("Mr.", "J."); the
+    # lookbehinds come after the character class so that the scan only stops at '.', '!' and '?' (30x faster)
+    r"[.!?](?<!\bMr\.)(?<!\bMrs\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bSt\.)(?<!\bNo\.)(?<!\bvs\.)(?<!\bProf\.)"
+    r"(?<!\b[A-Z]\.)"
+    r"[.!?]*"  # "?!", "..."
+    r"[\"'\u201d\u2019\u00bb)\]]*"  # closing quotes/brackets glued to the terminator
+    r"(\s+)"  # the gap we split at
+    r"(?=[" + re.escape(_SENTENCE_START) + r"0-9\"'\u201c\u2018\u00ab(\[])"
+)
+
+
+def split_sentences(line: str) -> list[str]:
+    """Split one line into sentences; never returns empty strings.
+
+    Splits after ``.``, ``!`` or ``?`` (optionally followed by closing quotes or brackets) when whitespace and then
+    an uppercase letter, a digit or an opening quote/bracket follow. Works on ordinary prose and on WikiText's
+    spaced tokens ("the sea . It is"). ``" ".join(result)`` equals the stripped line with the whitespace at each
+    split point collapsed to one space.
+
+    Known limits (rule-based, no model): no split before a lowercase start ("H. americanus" stays whole, and so
+    does "e.g. the"); no split after a single capital initial or a listed title ("J. R. R. Tolkien", "Mr. Smith",
+    "No. 2", but also "World War I. Then"); other abbreviations before a capital split wrongly ("Corp. Ltd");
+    WikiText's detached closing quote (`` said . " Then``) starts the next sentence.
+    """
+    text = line.strip()
+    if not text:
+        return []
+    sentences = []
+    start = 0
+    for match in _SENTENCE_BOUNDARY.finditer(text):
+        sentences.append(text[start : match.start(1)])
+        start = match.end(1)
+    sentences.append(text[start:])
+    return sentences
+
+
+def is_validation(doc: Document, seed: int, val_fraction: float) -> bool:
+    """True if ``doc`` belongs to the validation split.
+
+    Decided by the seed and the document's lines alone (a keyed 64-bit blake2b hash mapped to [0, 1) and compared
+    with ``val_fraction``), never by its index: the same text goes the same way in every dataset built from the
+    corpus with the same seed, and duplicate documents never straddle the split.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise BertError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.01 to hold out 1%")
+    digest = hashlib.blake2b(
+        "\n".join(doc.lines).encode("utf-8", "surrogatepass"),
+        digest_size=8,
+        key=str(int(seed)).encode("ascii"),
+        person=b"bertprep-val",
+    ).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < val_fraction
+
+
+def input_record(path: Path) -> dict:
+    """Describe one input for the manifest: resolved path, size in bytes on disk, sha256 of those bytes, format.
+
+    The hash streams the file in chunks. Raises BertError if the path is missing or a directory.
+    """
+    path = Path(path)
+    _check_input(path)
+    sha = hashlib.sha256()
+    size = 0
+    with _open_or_fail(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"path": str(path.resolve()), "bytes": size, "sha256": sha.hexdigest(), "format": detect_format(path)}
+
+
+def _check_limits(max_line_chars: int, max_doc_chars: int) -> None:
+    if max_line_chars < 1:
+        raise BertError(f"max_line_chars must be at least 1, got {max_line_chars}")
+    if max_doc_chars < max_line_chars:
+        raise BertError(
+            f"max_doc_chars ({max_doc_chars}) must be at least max_line_chars ({max_line_chars}); "
+            "raise the document limit or lower the line limit"
+        )
+
+
+def _check_input(path: Path) -> None:
+    if not path.exists():
+        raise BertError(
+            f"input not found: {path} (check the path; inputs are text, WikiText .tokens or .jsonl files, "
+            "optionally compressed as .zst)"
+        )
+    if path.is_dir():
+        raise BertError(f"input is a directory: {path}; pass the files inside it instead (e.g. {path}/*.txt)")
+
+
+def _checked_inputs(paths: Sequence[Path]) -> list[Path]:
+    """All inputs as Paths, every one checked before any is read: a typo in the last path fails at once."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        _check_input(path)
+    return paths
+
+
+def _empty_input_error(paths: Sequence[Path]) -> BertError:
+    names = ", ".join(str(p) for p in paths) or "(no paths given)"
+    return BertError(f"the input is empty: no non-blank text in {names}; check that the files hold text")
+
+
+@contextlib.contextmanager
+def _open_or_fail(path: Path, mode: str) -> Iterator[BinaryIO]:
+    try:
+        f = open(path, mode)
+    except OSError as e:
+        raise BertError(f"cannot read {path}: {e.strerror}; check its permissions") from e
+    with f:
+        yield f
+
+
+@contextlib.contextmanager
+def _open_binary(path: Path) -> Iterator[BinaryIO]:
+    """The file's content as a binary stream, decompressed when the name ends in .zst."""
+    with _open_or_fail(path, "rb") as raw:
+        if path.name.lower().endswith(".zst"):
+            _check_zstd_frames(raw, path)
+            raw.seek(0)
+            # read_across_frames: files written by pzstd or appended to hold several frames.
+            with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False) as z:
+                yield z
+        else:
+            yield raw
+
+
+def _check_zstd_frames(f: BinaryIO, path: Path) -> None:
+    """Walk the frame and block headers of a zstandard file (seeking, not decompressing) and raise BertError
+    unless they end exactly at the end of the file.
+
+    Needed because the decompressor reports a cut-off file (an interrupted download) as a clean end of data, which
+    would silently drop the rest of the corpus. Layout per RFC 8878, section 3.1.
+    """
+
+    truncated = BertError(f"{path}: truncated zstandard data (the file ends inside a frame); fetch it again")
+
+    def read_at(pos: int, n: int) -> bytes:
+        f.seek(pos)
+        data = f.read(n)
+        if len(data) < n:
+            raise truncated
+        return data
+
+    size = f.seek(0, 2)
+    pos = 0
+    while pos < size:
+        magic = int.from_bytes(read_at(pos, 4), "little")
+        if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame: 4-byte length, then that many bytes
+            pos += 8 + int.from_bytes(read_at(pos + 4, 4), "little")
+            continue
+        if magic != 0xFD2FB528:
+            raise BertError(
+                f"{path}: corrupt zstandard data (no frame at byte {pos}); recompress the file or drop the .zst suffix"
+            )
+        descriptor = read_at(pos + 4, 1)[0]
+        single_segment = descriptor >> 5 & 1
+        pos += 5 + (1 - single_segment)  # magic, descriptor, window byte unless single-segment
+        pos += (0, 1, 2, 4)[descriptor & 3]  # dictionary id
+        pos += (single_segment, 2, 4, 8)[descriptor >> 6]  # frame content size
+        last_block = False
+        while not last_block:
+            block = int.from_bytes(read_at(pos, 3), "little")
+            last_block = bool(block & 1)
+            pos += 3 + (1 if (block >> 1 & 3) == 1 else block >> 3)  # an RLE block stores one byte
+        pos += 4 * (descriptor >> 2 & 1)  # content checksum
+    if pos != size:
+        raise truncated
+
+
+def _decoded_chunks(path: Path, stats: ReadStats, chunk_bytes: int = _CHUNK_BYTES) -> Iterator[str]:
+    """Decode the file as UTF-8 (a leading BOM dropped) in chunks, replacing invalid bytes with U+FFFD.
+
+    Adds the bytes read to ``stats.bytes`` and the U+FFFD we inserted (not those already in the text) to
+    ``stats.invalid_utf8``.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+    with _open_binary(path) as f:
+        while True:
+            try:
+                raw = f.read(chunk_bytes)
+            except zstandard.ZstdError as e:
+                raise BertError(
+                    f"{path}: corrupt zstandard data ({e}); recompress the file or drop the .zst suffix"
+                ) from None
+            # Bytes the decoder still holds from the last chunk: a literal U+FFFD may straddle the chunk boundary.
+            pending = decoder.getstate()[0]
+            text = decoder.decode(raw, final=not raw)
+            stats.bytes += len(raw)
+            if "\ufffd" in text:
+                # EF BF BD always decodes to one U+FFFD of the text's own; every other U+FFFD is ours.
+                stats.invalid_utf8 += text.count("\ufffd") - (pending + raw).count(b"\xef\xbf\xbd")
+            if text:
+                yield text
+            if not raw:
+                return
+
+
+def _cut(text: str, max_chars: int) -> tuple[list[str], str]:
+    """Cut ``text`` from the front into stripped non-empty pieces of at most ``max_chars`` characters.
+
+    Each cut is at the last space or tab of its window (a hard cut when the window has none). Returns the pieces
+    and the uncut rest, which has at most ``max_chars`` characters. Walks indices, so it is linear in len(text).
+    """
+    pieces = []
+    start = 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        gap = max(text.rfind(" ", start + 1, end + 1), text.rfind("\t", start + 1, end + 1))
+        cut, resume = (gap, gap + 1) if gap > 0 else (end, end)
+        piece = text[start:cut].strip()
+        if piece:
+            pieces.append(piece)
+        start = resume
+    return pieces, text[start:]
+
+
+def _file_lines(chunks: Iterable[str], max_chars: int, stats: ReadStats) -> Iterator[tuple[int, str, bool]]:
+    """Split decoded text into stripped lines: yield (1-based line number, text, complete).
+
+    A line longer than ``max_chars`` comes out as several pieces with the same line number, each at most
+    ``max_chars`` characters and non-empty; all but the last have ``complete=False``. Only complete lines may be
+    empty (blank lines). Never holds more than one chunk plus ``max_chars`` characters of a line.
+    """
+    carry = ""  # the start of a line whose newline has not been read yet
+    line_no = 1
+    line_was_cut = False
+    for text in chunks:
+        parts = text.split("\n")
+        parts[0] = carry + parts[0]
+        carry = parts.pop()
+        for part in parts:
+            part = part.strip()
+            if len(part) > max_chars:
+                pieces, part = _cut(part, max_chars)
+                part = part.strip()
+                if pieces and not line_was_cut:
+                    stats.long_lines_split += 1
+                    line_was_cut = True
+                for piece in pieces:
+                    yield line_no, piece, False
+            # An empty rest after pieces is no blank line: blank lines separate documents.
+            if part or not line_was_cut:
+                yield line_no, part, True
+            line_was_cut = False
+            line_no += 1
+        if len(carry) > max_chars:
+            pieces, carry = _cut(carry, max_chars)
+            if pieces and not line_was_cut:
+                stats.long_lines_split += 1
+                line_was_cut = True
+            for piece in pieces:
+                yield line_no, piece, False
+    carry = carry.strip()
+    if carry:
+        yield line_no, carry, True
+
+
+def _line_events(
+    paths: Sequence[Path], stats: ReadStats, max_line_chars: int, max_record_chars: int
+) -> Iterator[str | None]:
+    """The non-empty lines of all inputs in order, with None marking a document boundary (at least one per file)."""
+    readers = {"text": _text_events, "wikitext": _wikitext_events, "jsonl": _jsonl_events}
+    for path in paths:
+        stats.files += 1
+        for line in readers[detect_format(path)](path, stats, max_line_chars, max_record_chars):
+            if line is not None:
+                stats.lines += 1
+            yield line
+        yield None
+
+
+def _text_events(path: Path, stats: ReadStats, max_line_chars: int, max_record_chars: int) -> Iterator[str | None]:
+    for _, line, _ in _file_lines(_decoded_chunks(path, stats), max_line_chars, stats):
+        yield line or None
+
+
+def _wikitext_events(
+    path: Path, stats: ReadStats, max_line_chars: int, max_record_chars: int
+) -> Iterator[str | None]:
+    for _, line, _ in _file_lines(_decoded_chunks(path, stats), max_line_chars, stats):
+        if not line:
+            continue  # blank lines separate paragraphs, not articles
+        heading = _HEADING.fullmatch(line) if line[0] == "=" else None
+        if heading is None:
+            yield line
+            continue
+        if heading.group(1) == "=":
+            yield None
+        yield heading.group(2)
+
+
+def _jsonl_events(path: Path, stats: ReadStats, max_line_chars: int, max_record_chars: int) -> Iterator[str | None]:
+    for line_no, record_line, complete in _file_lines(_decoded_chunks(path, stats), max_record_chars, stats):
+        if not complete:
+            raise BertError(
+                f"{path}:{line_no}: record is longer than {max_record_chars} characters; "
+                "split the document into several records"
+            )
+        if not record_line:
+            continue
+        text = _record_text(record_line, path, line_no)
+        if _LONE_SURROGATE.search(text):
+            # JSON escapes can spell lone surrogates, which cannot be encoded as UTF-8 later.
+            text, replaced = _LONE_SURROGATE.subn("\ufffd", text)
+            stats.invalid_utf8 += replaced
+        yield None
+        for line in text.split("\n"):
+            line = line.strip()
+            if len(line) > max_line_chars:
+                pieces, rest = _cut(line, max_line_chars)
+                stats.long_lines_split += 1
+                yield from pieces
+                line = rest.strip()
+            if line:
+                yield line
+        yield None
+
+
+def _record_text(record_line: str, path: Path, line_no: int) -> str:
+    hint = 'each line of a .jsonl file must be one JSON object with a string "text" field'
+    try:
+        record = json.loads(record_line)
+    except ValueError as e:
+        raise BertError(f"{path}:{line_no}: not valid JSON ({e}); {hint}") from None
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise BertError(f'{path}:{line_no}: record has no string "text" field; {hint}')
+    return text
+
+
+def _starts_with_title(path: Path) -> bool:
+    """True if the first non-blank line of the (decompressed) file is a " = Title = " heading."""
+    head = ""
+    at_eof = True
+    with contextlib.closing(_decoded_chunks(path, ReadStats(), chunk_bytes=_DETECT_BYTES)) as chunks:
+        for text in chunks:
+            head += text
+            if "\n" in head.lstrip() or len(head) > _DETECT_BYTES:
+                at_eof = False
+                break
+    line, newline, _ = head.lstrip().partition("\n")
+    if not newline and not at_eof:
+        return False  # a first line longer than the peek is no title
+    heading = _HEADING.fullmatch(line.strip())
+    return heading is not None and heading.group(1) == "="

@@ -1,0 +1,1 @@
+"""berttrain: pretrain a BERT from bertprep shards."""
