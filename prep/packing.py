@@ -70,6 +70,7 @@ class StreamPacker:
         self._pieces: list[np.ndarray] = []  # stream not yet in a row, as per-document arrays
         self._piece_docs: list[int] = []
         self._pending = 0
+        self._joined = False  # whether a document came before, so the next one needs a [SEP] in front
         self._last_doc, self._last_doc_rows = -1, 0
 
     def add(self, doc_index: int, tokens: np.ndarray) -> None:
@@ -77,8 +78,9 @@ class StreamPacker:
         if len(tokens) == 0:
             self.stats.drop("empty")
             return
-        if self._pieces:
+        if self._joined:
             tokens = np.concatenate([[self.sep_id], tokens])  # the [SEP] that joins it to the previous document
+        self._joined = True
         self._pieces.append(tokens.astype(np.int32, copy=False))
         self._piece_docs.append(doc_index)
         self._pending += len(tokens)
@@ -194,25 +196,26 @@ class PairBuilder:
             self.stats.truncated_documents += 1
 
     def _pair(self, chunk: list[np.ndarray], target: int, rng):
-        """(A, B, nsp label, sentences of the chunk left unused) or None if the chunk cannot make a pair."""
+        """(A, B, nsp label, sentences of the chunk left unused) or None if the chunk cannot make a pair.
+
+        Unlike Google's generator, which always draws a random B for a one-sentence chunk (so more than half of its
+        labels say "random"), a one-sentence chunk here is cut in two for the in-order case: labels stay 50/50.
+        """
         split = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
-        first, rest = np.concatenate(chunk[:split]), chunk[split:]
-        if self.mode == "random":
-            other = self.pool.pick(rng) if (not rest or rng.random() < 0.5) else None
+        first, unused = np.concatenate(chunk[:split]), len(chunk) - split
+        if self.mode == "random" and rng.random() < 0.5:
+            other = self.pool.pick(rng)
             if other is not None:
                 start = int(rng.integers(0, len(other)))
                 second = np.concatenate(other[start:])[: max(1, target - len(first))]
-                return first, second, 1, len(rest)
-            if rest:
-                return first, np.concatenate(rest), 0, 0
-        elif rest:
-            second = np.concatenate(rest)
-            return (second, first, 1, 0) if rng.random() < 0.5 else (first, second, 0, 0)
-        # One sentence and no other document to pair it with: split the sentence itself.
-        if len(first) < 2:
+                return first, second, 1, unused  # the unused sentences start the next chunk
+        if unused:
+            second = np.concatenate(chunk[split:])
+        elif len(first) >= 2:
+            cut = int(rng.integers(1, len(first)))
+            first, second = first[:cut], first[cut:]
+        else:
             return None
-        cut = int(rng.integers(1, len(first)))
-        first, second = first[:cut], first[cut:]
         if self.mode == "swap" and rng.random() < 0.5:
             return second, first, 1, 0
         return first, second, 0, 0

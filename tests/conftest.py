@@ -37,3 +37,24 @@ def vocab_dir(tmp_path_factory, wiki_valid) -> Path:
     lines = wiki_valid.read_text(encoding="utf-8").split("\n")
     train_vocab(lines, out_dir, VocabConfig(vocab_size=4000, threads=1), inputs=[input_record(wiki_valid)])
     return out_dir
+
+
+def build_wiki_shards(out_dir: Path, vocab_dir: Path, inputs, val_inputs=(), **options) -> Path:
+    """Shards of real WikiText-2 text made by the real pipeline (one worker unless asked, no progress bar)."""
+    from prep.masking import MaskingConfig
+    from prep.pipeline import ShardConfig, build_shards
+
+    max_len = options.pop("max_len", 64)
+    mask_prob = options.pop("mask_prob", 0.15)
+    masking = MaskingConfig(mask_prob, MaskingConfig.default_max_predictions(max_len, mask_prob),
+                            options.pop("whole_word", False))
+    config = ShardConfig(inputs=tuple(inputs), val_inputs=tuple(val_inputs), vocab=vocab_dir, out_dir=out_dir,
+                         max_len=max_len, masking=masking, **{"workers": 1, "progress": False, "seed": 7, **options})
+    build_shards(config)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def wiki_shards(tmp_path_factory, vocab_dir, wiki_valid, wiki_test) -> Path:
+    """WikiText-2 shards, 64 tokens a row: train from wiki.test.tokens, val from wiki.valid.tokens (in order)."""
+    return build_wiki_shards(tmp_path_factory.mktemp("shards") / "wiki_64", vocab_dir, [wiki_test], [wiki_valid])

@@ -159,14 +159,15 @@ def test_detect_format(tmp_path, name, content, expected):
 
 def test_wikitext2_documents_are_articles(wiki_valid, wiki_test):
     """On real WikiText-2 every ' = Title = ' line starts exactly one document whose first line is the title, and
-    every other non-blank line (sub-headings included, '=' markers removed) stays, in order, inside it."""
+    every other non-blank line (sub-headings included, '=' markers removed, WikiText's markers turned back into
+    BERT's) stays, in order, inside it."""
     title = re.compile(r"^ = [^=].* = $")
     for path in (wiki_valid, wiki_test):
         raw_lines = path.read_text(encoding="utf-8").split("\n")
         titles = [line.strip()[2:-2] for line in raw_lines if title.match(line)]
         expected_lines = [
             line.strip().lstrip("= ").rstrip(" =") if line.strip().startswith("= ") and line.strip().endswith(" =")
-            else line.strip()
+            else line.strip().replace("<unk>", "[UNK]").replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
             for line in raw_lines
             if line.strip()
         ]
@@ -418,14 +419,14 @@ def test_split_sentences_wikitext(wiki_valid):
         total += len(sentences)
     assert total > 2 * len(lines)
     assert split_sentences(docs[0].lines[1]) == [
-        "Homarus gammarus , known as the European lobster or common lobster , is a species of <unk> lobster from the"
+        "Homarus gammarus , known as the European lobster or common lobster , is a species of [UNK] lobster from the"
         " eastern Atlantic Ocean , Mediterranean Sea and parts of the Black Sea .",
         "It is closely related to the American lobster , H. americanus .",
         "It may grow to a length of 60 cm ( 24 in ) and a mass of 6 kilograms ( 13 lb ) , and bears a conspicuous"
         " pair of claws .",
         'In life , the lobsters are blue , only becoming " lobster red " on cooking .',
         "Mating occurs in the summer , producing eggs which are carried by the females for up to a year before"
-        " hatching into <unk> larvae .",
+        " hatching into [UNK] larvae .",
         "Homarus gammarus is a highly esteemed food , and is widely caught using lobster pots , mostly around the"
         " British Isles .",
     ]
@@ -471,8 +472,8 @@ def test_is_validation_is_pinned(wiki_valid):
     """The held-out WikiText-2 articles for seed 0 are fixed: changing the hash would silently change the
     validation set of every existing dataset."""
     docs = list(read_documents([wiki_valid], ReadStats()))
-    assert [d.index for d in docs if is_validation(d, 0, 0.1)] == [0, 7, 10, 18, 31, 56]
-    assert [d.index for d in docs if is_validation(d, 1, 0.1)] == [7, 9, 22, 23, 24]
+    assert [d.index for d in docs if is_validation(d, 0, 0.1)] == [12, 21, 36, 57]
+    assert [d.index for d in docs if is_validation(d, 1, 0.1)] == [7, 14, 15, 20, 26, 37, 45, 47, 54]
 
 
 def test_is_validation_fraction(wiki_valid, wiki_test):
@@ -485,3 +486,12 @@ def test_is_validation_fraction(wiki_valid, wiki_test):
         for fraction in (0.05, 0.2):
             share = sum(is_validation(d, seed, fraction) for d in docs) / len(docs)
             assert abs(share - fraction) < 0.025, (seed, fraction, share)
+
+
+def test_wikitext_markers_become_bert_tokens(tmp_path):
+    """WikiText's "<unk>" is BERT's [UNK] (one special token, never a prediction target) and its " @-@ " style
+    splits rejoin the word, so three-token "< unk >" runs and "@" tokens never reach the shards."""
+    path = tmp_path / "wiki.x.tokens"
+    path.write_text(" = T = \n \n a <unk> well @-@ known 1 @,@ 000 @.@ 5 km\n", encoding="utf-8")
+    docs = list(read_documents([path], ReadStats()))
+    assert docs[0].lines == ("T", "a [UNK] well-known 1,000.5 km")
