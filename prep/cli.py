@@ -199,7 +199,7 @@ def peek(dataset_dir, split, count, row, show_stats, as_json, color):
         click.echo(json.dumps(views, indent=1))
         return
     use_color = sys.stdout.isatty() if color is None else color
-    click.echo("\n\n".join(format_row(v, use_color) for v in views))
+    click.echo("\n\n".join(format_row(v, use_color) for v in views), color=use_color)
 
 
 @main.command()
