@@ -150,7 +150,7 @@ def _shard_summary(out_dir: Path, result: dict) -> str:
     summary, splits, stats = result["summary"], result["splits"], result["stats"]
     read = stats["read"]
     lines = [f"wrote {out_dir}: {summary['documents']:,} documents in {summary['seconds']:.1f} s "
-             f"({summary['tokens_per_s'] / 1e3:,.0f}k tokens/s, {summary['workers']} workers)"]
+             f"({summary['tokens_per_s'] / 1e3:,.0f}k tokens/s, {summary['workers']} worker{'s' if summary['workers'] != 1 else ''})"]
     for name, info in splits.items():
         split = stats["splits"][name]
         dropped = ", ".join(f"{k} {v}" for k, v in split["dropped"].items()) or "none"

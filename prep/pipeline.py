@@ -30,6 +30,7 @@ from prep.vocab import load_tokenizer, resolve_vocab_file
 SHARD_BYTES = 64 << 20  # target size of one shard (all its arrays together)
 BATCH_CHARS = 1 << 18  # text per task sent to a worker
 BLOCK_ROWS = 4096  # rows masked together
+WORKER_MIN_BYTES = 2 << 20  # input per default worker
 MAX_LEN_RANGE = (8, 4096)
 SPLIT_TAGS = {"train": 0, "val": 1}  # part of every row key, so the two splits never share masks
 
@@ -308,7 +309,8 @@ def build_shards(config: ShardConfig) -> dict:
     inputs = [input_record(Path(p)) for p in config.inputs]
     val_inputs = [input_record(Path(p)) for p in config.val_inputs]
     total_bytes = sum(r["bytes"] for r in inputs + val_inputs)
-    workers = config.workers or _cpu_count()
+    # Default: all cores, but no more workers than 2 MB pieces of input: starting one costs about a second.
+    workers = config.workers or max(1, min(_cpu_count(), -(-total_bytes // WORKER_MIN_BYTES)))
 
     read_stats = ReadStats()
     with DatasetWriter(config.out_dir, force=config.force) as writer, \
@@ -390,7 +392,7 @@ class _Progress:
 
     def __init__(self, total_bytes: int, read_stats: ReadStats, enabled: bool):
         self.read_stats, self.enabled = read_stats, enabled
-        self.tokens, self.started, self.bar = 0, time.monotonic(), None
+        self.tokens, self.started, self.shown, self.bar = 0, time.monotonic(), 0.0, None
         if enabled:
             from tqdm import tqdm
 
@@ -405,12 +407,14 @@ class _Progress:
 
     def update(self, tokens: int) -> None:
         self.tokens += tokens
-        if self.bar is not None:
-            done = min(self.read_stats.bytes, self.bar.total or self.read_stats.bytes)
-            if done > self.bar.n:
-                self.bar.update(done - self.bar.n)
-                rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
-                self.bar.set_postfix_str(f"{rate / 1e3:,.0f}k tok/s", refresh=False)
+        if self.bar is None:
+            return
+        now = time.monotonic()
+        done = min(self.read_stats.bytes, self.bar.total or self.read_stats.bytes)
+        if done > self.bar.n or now - self.shown >= 0.5:
+            self.shown = now
+            self.bar.set_postfix_str(f"{self.tokens / max(now - self.started, 1e-9) / 1e3:,.0f}k tok/s", refresh=False)
+            self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,0 +1,292 @@
+"""Training a vocabulary with SentencePiece, the vocab directory's record, and loading a tokenizer from a `--vocab`.
+
+A vocab directory holds vocab.txt (one token a line, id = line number), spm.model for `unigram`/`bpe` vocabularies,
+and vocab.json, the record of how it was made, written last.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import itertools
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece
+
+from prep.corpus import ReadStats, input_record, iter_lines, sample_lines
+from prep.errors import BertError
+from prep.spm import SentencePieceTokenizer, normalize_for_sentencepiece
+from prep.wordpiece import (CONTINUATION_PREFIX, SENTENCEPIECE_MARKER, SPECIAL_TOKENS, Vocab, WordPieceTokenizer,
+                            is_isolated, pretokenize, whitespace_chunks)
+
+RECORD_FORMAT = "bertprep-vocab"
+RECORD_VERSION = 1
+VOCAB_FILE = "vocab.txt"
+MODEL_FILE = "spm.model"
+RECORD_FILE = "vocab.json"
+MODEL_TYPES = ("wordpiece", "unigram", "bpe")
+MIN_VOCAB_SIZE = 32
+# Longer "words" are URLs, tables and the like: WordPiece turns them into [UNK] anyway, so they only slow training.
+MAX_TRAINING_WORD_CHARS = 100
+_LINES_PER_BLOCK = 1000  # lines normalised per call: one big `str.translate` beats many small ones
+
+
+@dataclass(frozen=True)
+class VocabConfig:
+    """How `bertprep vocab` trains a vocabulary."""
+
+    vocab_size: int = 30522
+    """Entries in vocab.txt, the five special tokens included (--vocab-size)."""
+    model_type: str = "wordpiece"
+    """wordpiece: BERT '##' pieces for greedy WordPiece; unigram | bpe: a SentencePiece model (--model-type)."""
+    lowercase: bool = True
+    """Uncased: lowercase and strip accents before segmenting, in training and encoding (--lowercase/--cased)."""
+    sample_lines: int = 2_000_000
+    """At most this many input lines are used for training (--sample-lines)."""
+    threads: int = 0
+    """SentencePiece training threads, 0 for all cores; unigram pieces depend on it, wordpiece/bpe not (--threads)."""
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise BertError(f"--vocab-size must be at least {MIN_VOCAB_SIZE}, got {self.vocab_size}")
+        if self.model_type not in MODEL_TYPES:
+            raise BertError(f"--model-type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}")
+        if self.sample_lines < 1:
+            raise BertError(f"--sample-lines must be at least 1, got {self.sample_lines}")
+        if self.threads < 0:
+            raise BertError(f"--threads must be 0 (all cores) or more, got {self.threads}")
+
+
+def make_vocab(inputs: Sequence[Path], out_dir: Path, config: VocabConfig, force: bool = False) -> dict:
+    """`bertprep vocab`: train on at most `config.sample_lines` lines sampled evenly over `inputs`; the record."""
+    out_dir = Path(out_dir)
+    if not force and any((out_dir / name).exists() for name in (VOCAB_FILE, MODEL_FILE, RECORD_FILE)):
+        raise BertError(f"{out_dir} already holds a vocabulary; pass --force to replace it, or -o another directory")
+    paths = [Path(path) for path in inputs]
+    records = [input_record(path) for path in paths]
+    lines = sample_lines(iter_lines(paths, ReadStats()), config.sample_lines)
+    return train_vocab(lines, out_dir, config, records)
+
+
+def train_vocab(lines: Iterable[str], out_dir: Path, config: VocabConfig, inputs: list[dict] | None = None) -> dict:
+    """Train a vocabulary on raw text lines (at most `config.sample_lines`) and write it to `out_dir`.
+
+    Writes vocab.txt (and spm.model for unigram/bpe), then vocab.json, each under a temporary name renamed when
+    complete. `inputs` ({"path", "bytes", "sha256", "format"} per input file) goes into the record, which is returned.
+    The same lines and config give a byte-identical vocab.txt.
+    """
+    out_dir = Path(out_dir)
+    word_counts, lines_used = count_words(lines, config)
+    if not word_counts:
+        raise BertError("no text to train a vocabulary on: the input lines are empty or whitespace; "
+                        "pass a file with text")
+    if config.model_type == "wordpiece":
+        tokens, model = wordpiece_tokens(word_counts, config), None
+    else:
+        model = _train_sentencepiece(word_counts, config, model_type=config.model_type,
+                                     vocab_size=config.vocab_size,
+                                     character_coverage=_character_coverage(word_counts, config.vocab_size),
+                                     pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=SPECIAL_TOKENS[0],
+                                     unk_piece=SPECIAL_TOKENS[1], bos_piece=SPECIAL_TOKENS[2],
+                                     eos_piece=SPECIAL_TOKENS[3], control_symbols=[SPECIAL_TOKENS[4]])
+        tokens = _pieces(model)
+    vocab_bytes = "".join(token + "\n" for token in tokens).encode("utf-8")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Until the new record lands, the directory must not claim to hold a finished vocabulary.
+    (out_dir / RECORD_FILE).unlink(missing_ok=True)
+    _write_atomic(out_dir / VOCAB_FILE, vocab_bytes)
+    if model is None:
+        (out_dir / MODEL_FILE).unlink(missing_ok=True)
+    else:
+        _write_atomic(out_dir / MODEL_FILE, model)
+    vocab = Vocab.load(out_dir / VOCAB_FILE, lowercase=config.lowercase)
+    record = {
+        "format": RECORD_FORMAT,
+        "version": RECORD_VERSION,
+        "model_type": config.model_type,
+        "vocab_size": len(tokens),
+        "requested_vocab_size": config.vocab_size,
+        "lowercase": config.lowercase,
+        "inputs": list(inputs or []),
+        "lines_used": lines_used,
+        "options": asdict(config),
+        "vocab_sha256": vocab.sha256,
+        "special": vocab.special.as_dict(),
+    }
+    _write_atomic(out_dir / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    return record
+
+
+def count_words(lines: Iterable[str], config: VocabConfig) -> tuple[collections.Counter, int]:
+    """Word frequencies of the first `config.sample_lines` lines, and how many lines were read.
+
+    Words are what the model segments: WordPiece's pre-tokenized words, or for SentencePiece models the normalised
+    text's whitespace-separated chunks. Counting them lets SentencePiece train on unique words (TSV input) instead
+    of holding every line in memory; it splits on whitespace anyway, so the pieces are the same.
+    """
+    # Raw chunks are counted first (C speed); only the distinct ones go through normalisation.
+    chunk_counts: collections.Counter = collections.Counter()
+    lines_used = 0
+    lines = itertools.islice(lines, config.sample_lines)
+    while block := list(itertools.islice(lines, _LINES_PER_BLOCK)):
+        lines_used += len(block)
+        chunk_counts.update(whitespace_chunks("\n".join(block)))
+    counts: collections.Counter = collections.Counter()
+    for chunk, count in chunk_counts.items():
+        if config.model_type == "wordpiece":
+            for word in pretokenize(chunk, config.lowercase):
+                counts[word] += count
+        elif word := normalize_for_sentencepiece(chunk, config.lowercase):
+            counts[word] += count
+    return counts, lines_used
+
+
+def wordpiece_tokens(word_counts: collections.Counter, config: VocabConfig) -> list[str]:
+    """A BERT vocab.txt's tokens: specials, every seen character, then BPE pieces converted to '##' style.
+
+    Each character comes as a word start and, unless BERT always isolates it (punctuation, CJK), as a '##' piece
+    too, so greedy WordPiece never fails on a seen character. BPE rather than unigram because its pieces are built
+    bottom-up by merging, so a piece's prefixes tend to be pieces too: that suits greedy longest-match-first, which,
+    unlike a unigram model's Viterbi search, cannot back out of a long first match. SentencePiece BPE is also
+    deterministic for any thread count. The most frequent characters win when there are too many for the budget.
+    """
+    base = list(SPECIAL_TOKENS)
+    chars = _chars_by_frequency(word_counts)
+    for char in chars:
+        entries = [char] if is_isolated(char) else [char, CONTINUATION_PREFIX + char]
+        if len(base) + len(entries) > config.vocab_size:
+            break
+        base.extend(entries)
+    # SentencePiece's own characters and its "▁x" pieces duplicate ours, hence the slack of two per character.
+    sp_vocab_size = config.vocab_size - len(base) + 1 + 2 * len(chars)
+    model = _train_sentencepiece(word_counts, config, model_type="bpe", vocab_size=sp_vocab_size,
+                                 character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1)
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model)
+    pieces = []
+    for i in range(processor.get_piece_size()):
+        piece = processor.id_to_piece(i)
+        if processor.is_unknown(i) or processor.is_control(i) or len(piece.lstrip(SENTENCEPIECE_MARKER)) < 2:
+            continue  # single characters are already in `base`
+        if piece.startswith(SENTENCEPIECE_MARKER):
+            pieces.append(piece[len(SENTENCEPIECE_MARKER):])
+        else:
+            pieces.append(CONTINUATION_PREFIX + piece)
+    # Pieces are in merge order, so cutting the tail drops the latest merges.
+    return list(dict.fromkeys(base + pieces))[: config.vocab_size]
+
+
+def _chars_by_frequency(word_counts: collections.Counter) -> list[str]:
+    """Distinct characters of the words, most frequent first (ties by code point)."""
+    words = list(word_counts)
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    frequencies = np.fromiter(word_counts.values(), dtype=np.int64, count=len(words))
+    codes = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32)
+    unique_codes, index = np.unique(codes, return_inverse=True)
+    char_counts = np.bincount(index.reshape(-1), weights=np.repeat(frequencies, lengths), minlength=len(unique_codes))
+    order = np.lexsort((unique_codes, -char_counts))
+    return [chr(code) for code in unique_codes[order].tolist()]
+
+
+def _character_coverage(word_counts: collections.Counter, vocab_size: int) -> float:
+    """All characters when they take at most a quarter of the vocabulary; else SentencePiece's usual 99.95%."""
+    return 1.0 if len(_chars_by_frequency(word_counts)) <= vocab_size // 4 else 0.9995
+
+
+def _train_sentencepiece(word_counts: collections.Counter, config: VocabConfig, **options) -> bytes:
+    """Train SentencePiece on word frequencies (TSV rows "word<TAB>count"); returns the serialised model."""
+    rows = (f"{word}\t{count}" for word, count in sorted(word_counts.items(), key=lambda item: (-item[1], item[0]))
+            if len(word) <= MAX_TRAINING_WORD_CHARS)
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=rows, model_writer=model, input_format="tsv",
+            # Our normalisation already ran; SentencePiece's NFKC would make pieces that encoding never produces.
+            normalization_rule_name="identity",
+            # A small corpus yields a smaller vocabulary instead of an error.
+            hard_vocab_limit=False,
+            num_threads=config.threads or os.cpu_count() or 1,
+            minloglevel=2, **options)
+    except RuntimeError as err:
+        raise BertError(f"SentencePiece could not train a {config.model_type} vocabulary of {config.vocab_size}: "
+                        f"{err}; try a smaller --vocab-size or more input text") from None
+    return model.getvalue()
+
+
+def _pieces(model: bytes) -> list[str]:
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model)
+    return [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write under a temporary name in the same directory, then rename, so readers never see half a file."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_vocab_record(path: Path) -> dict | None:
+    """The vocab.json beside a vocab.txt (`path` is the directory or the vocab.txt), or None when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        directory = path
+    elif path.name == VOCAB_FILE:
+        directory = path.parent
+    else:
+        return None  # a record describes the vocab.txt beside it, not other files
+    record_path = directory / RECORD_FILE
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BertError(f"{record_path} is not valid JSON ({err}); retrain the vocabulary with `bertprep vocab` "
+                        f"or delete the file") from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise BertError(f"{record_path} is not a bertprep vocabulary record (format {RECORD_FORMAT!r}); "
+                        f"delete it or point --vocab at the vocab.txt file")
+    if record.get("version") != RECORD_VERSION:
+        raise BertError(f"{record_path} has vocabulary record version {record.get('version')!r}, this bertprep "
+                        f"reads version {RECORD_VERSION}; retrain the vocabulary with `bertprep vocab`")
+    return record
+
+
+def resolve_vocab_file(path: Path) -> Path:
+    """The vocab.txt a `--vocab` argument means: DIR/vocab.txt for a directory, else the file itself."""
+    path = Path(path)
+    vocab_file = path / VOCAB_FILE if path.is_dir() else path
+    if not vocab_file.is_file():
+        raise BertError(f"no vocabulary at {vocab_file}: pass a vocab.txt or a directory holding one; "
+                        f"train one with `bertprep vocab -i FILE`")
+    return vocab_file
+
+
+def load_tokenizer(path: Path, lowercase: bool | None = None) -> WordPieceTokenizer | SentencePieceTokenizer:
+    """The tokenizer for a `--vocab` (directory or vocab.txt).
+
+    `lowercase=None` takes it from vocab.json when there is one, else infers it from the tokens. A directory whose
+    record says unigram/bpe (or whose vocab.txt has '▁' pieces) gets its spm.model; anything else is WordPiece.
+    """
+    vocab_file = resolve_vocab_file(path)
+    record = load_vocab_record(vocab_file)
+    if record is not None and lowercase is None:
+        lowercase = bool(record["lowercase"])
+    vocab = Vocab.load(vocab_file, lowercase=lowercase)
+    if record is not None and record.get("vocab_sha256") != vocab.sha256:
+        raise BertError(f"{vocab_file} changed after it was trained (its sha256 differs from {RECORD_FILE}'s); "
+                        f"retrain with `bertprep vocab`, or delete {RECORD_FILE} to use the file as it is")
+    if record is not None:
+        sentencepiece_model = record["model_type"] in ("unigram", "bpe")
+    else:
+        sentencepiece_model = Vocab.sentencepiece_style(vocab.tokens)
+    if sentencepiece_model:
+        return SentencePieceTokenizer(vocab_file.parent / MODEL_FILE, vocab)
+    return WordPieceTokenizer(vocab)
