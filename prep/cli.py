@@ -156,6 +156,8 @@ def _shard_summary(out_dir: Path, result: dict) -> str:
         dropped = ", ".join(f"{k} {v}" for k, v in split["dropped"].items()) or "none"
         lines.append(f"  {name:5s} {info['rows']:>10,} rows {info['tokens']:>12,} tokens {info['masked']:>11,} masked "
                      f"padding {split['padding_share']:.2%}  {len(info['shards'])} shards  dropped documents: {dropped}")
+    if splits["val"]["rows"] == 0:
+        lines.append("  note: no validation rows: raise --val-fraction or pass --val FILE to evaluate while training")
     if read.get("invalid_utf8"):
         lines.append(f"  note: {read['invalid_utf8']:,} invalid UTF-8 sequences were replaced with U+FFFD")
     for key in ("long_lines_split", "long_documents_split"):
