@@ -456,11 +456,16 @@ def _text_events(path: Path, stats: ReadStats, max_line_chars: int, max_record_c
 # WikiText marks words outside its vocabulary as "<unk>" and splits hyphens and separators inside numbers and
 # words as " @-@ ", " @,@ ", " @.@ ". Read literally they cost three tokens per "<unk>" (4% of all tokens) that the
 # model would learn to predict; BERT's own [UNK] (never masked) and rejoined words are what a user means.
-_WIKITEXT_JOINS = re.compile(r" @([-,.])@ ")
+_WIKITEXT_JOINS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 
 
 def _untokenize_wikitext(line: str) -> str:
-    return _WIKITEXT_JOINS.sub(r"\1", line.replace("<unk>", "[UNK]"))
+    if "<unk>" in line:
+        line = line.replace("<unk>", "[UNK]")
+    if " @" in line:
+        for marker, char in _WIKITEXT_JOINS:
+            line = line.replace(marker, char)
+    return line
 
 
 def _wikitext_events(

@@ -23,10 +23,13 @@ _SALT_CHOOSE, _SALT_ACTION, _SALT_TOKEN = 0x5EED0001, 0x5EED0002, 0x5EED0003
 def mix64(x) -> np.ndarray:
     """SplitMix64's finaliser: a bijective, well-mixed hash of uint64 values (arrays wrap around silently)."""
     with np.errstate(over="ignore"):  # wrapping is the point; numpy warns only for 0-d values
-        x = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+        x = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)  # a new array, then in place
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+        return x
 
 
 def derive_key(*parts) -> np.ndarray:
@@ -112,32 +115,31 @@ def mask_rows(ids: np.ndarray, row_keys: np.ndarray, config: MaskingConfig, voca
     else:
         chosen = _choose_tokens(keys, candidate, count_target, slots)
 
-    action = mix64(keys ^ np.uint64(_SALT_ACTION))
+    rows, cols = np.nonzero(chosen)  # row-major: each row's positions come out ascending
+    action = mix64(keys[rows, cols] ^ np.uint64(_SALT_ACTION))  # hashed only where a decision is needed
     draw = unit_interval(action)
-    to_mask = chosen & (draw < REPLACE_WITH_MASK)
-    to_random = chosen & (draw >= REPLACE_WITH_MASK) & (draw < REPLACE_WITH_MASK + REPLACE_WITH_RANDOM)
+    to_mask = draw < REPLACE_WITH_MASK
+    to_random = (draw >= REPLACE_WITH_MASK) & (draw < REPLACE_WITH_MASK + REPLACE_WITH_RANDOM)
     ordinary = vocab.ordinary_ids if ordinary_ids is None else ordinary_ids
 
     corrupted = ids.copy()
-    corrupted[to_mask] = vocab.mask_id
-    corrupted[to_random] = ordinary[mix64(action[to_random] ^ np.uint64(_SALT_TOKEN)) % np.uint64(len(ordinary))]
+    corrupted[rows[to_mask], cols[to_mask]] = vocab.mask_id
+    random_ids = ordinary[mix64(action[to_random] ^ np.uint64(_SALT_TOKEN)) % np.uint64(len(ordinary))]
+    corrupted[rows[to_random], cols[to_random]] = random_ids
 
-    count = chosen.sum(1)
-    positions = np.argsort(~chosen, axis=1, kind="stable")[:, :slots]
-    used = np.arange(positions.shape[1])[None, :] < count[:, None]
-    positions = np.where(used, positions, 0)
-    labels = np.where(used, np.take_along_axis(ids, positions, axis=1), vocab.pad_id)
-    if positions.shape[1] < slots:  # rows narrower than the slot count
-        pad = slots - positions.shape[1]
-        positions = np.pad(positions, ((0, 0), (0, pad)))
-        labels = np.pad(labels, ((0, 0), (0, pad)), constant_values=vocab.pad_id)
+    count = np.bincount(rows, minlength=n)
+    slot = np.arange(len(rows)) - np.repeat(np.cumsum(count) - count, count)
+    positions = np.zeros((n, slots), dtype=np.uint16)
+    labels = np.full((n, slots), vocab.pad_id, dtype=ids.dtype)
+    positions[rows, slot] = cols
+    labels[rows, slot] = ids[rows, cols]
 
-    masked = int(count.sum())
+    masked = len(rows)
     n_mask, n_random = int(to_mask.sum()), int(to_random.sum())
     return MaskedRows(
         input_ids=corrupted,
-        mlm_positions=positions.astype(np.uint16),
-        mlm_labels=labels.astype(ids.dtype),
+        mlm_positions=positions,
+        mlm_labels=labels,
         masked=masked,
         replaced_mask=n_mask,
         replaced_random=n_random,

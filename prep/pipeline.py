@@ -133,12 +133,14 @@ def _init_worker(vocab_file: str, lowercase: bool | None, in_pool: bool = False)
     _worker_tokenizer = load_tokenizer(Path(vocab_file), lowercase)
 
 
-def _encode_batch(docs: list[Document], split: str | None, seed: int, val_fraction: float) -> list[EncodedDocument]:
-    """Tokenizes a batch of documents sentence by sentence; decides each one's split unless `split` is given."""
+def _encode_batch(docs: list[Document], split: str | None, seed: int, val_fraction: float,
+                  sentences: bool) -> list[EncodedDocument]:
+    """Tokenizes a batch of documents, by sentence when pairs need them, else by line (rows of the stream layout
+    ignore sentence ends); decides each document's split unless `split` is given."""
     encoded = []
     for doc in docs:
-        sentences = [s for line in doc.lines for s in split_sentences(line)]
-        tokens, lengths = _worker_tokenizer.encode_many(sentences)
+        texts = [s for line in doc.lines for s in split_sentences(line)] if sentences else doc.lines
+        tokens, lengths = _worker_tokenizer.encode_many(texts)
         keep = lengths > 0
         doc_split = split or ("val" if val_fraction and is_validation(doc, seed, val_fraction) else "train")
         encoded.append(EncodedDocument(doc.index, doc_split, tokens.astype(np.int32, copy=False), lengths[keep]))
@@ -167,7 +169,9 @@ class _Encoder:
 
     def __enter__(self):
         if self.workers > 1:
-            context = multiprocessing.get_context("spawn")
+            # fork starts workers in milliseconds; no thread runs yet at this point, which makes it safe.
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
             self.pool = context.Pool(self.workers, initializer=_init_worker,
                                      initargs=(*self.init_args, True))
         else:
@@ -328,7 +332,7 @@ def build_shards(config: ShardConfig) -> dict:
         for paths, forced_split in sources:
             docs = read_documents([Path(p) for p in paths], read_stats)
             for doc in encoder.encode(_batches(docs), forced_split or ("train" if config.val_inputs else None),
-                                      config.seed, config.val_fraction):
+                                      config.seed, config.val_fraction, config.nsp):
                 builders[doc.split].add(doc)
                 documents[doc.split] += 1
                 progress.update(len(doc.tokens))
