@@ -1,0 +1,187 @@
+"""Training-step speed of our BERT against Hugging Face's BertForMaskedLM of the same shape, and the share of the
+device's measured matmul peak each reaches (MFU).
+
+Both models take the same random batch, precision and AdamW settings; ours runs the MLM head at the masked
+positions only, HF's at every token with labels -100 outside them (as the transformers route trains). Data loading
+is not part of it: the batch is on the device before timing starts.
+
+    python bench/train.py --size small --batch-size 32 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.model import BertForPretraining, ModelConfig, count_parameters, flops_per_token, hf_config_dict  # noqa
+
+PAD_ID, FIRST_REAL_ID = 0, 5
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="small", help="named model size (tiny, mini, small, medium, base, large)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per step")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per row")
+    parser.add_argument("--predictions", type=int, default=20, help="masked positions per row")
+    parser.add_argument("--vocab-size", type=int, default=30522, help="vocabulary entries (BERT uncased: 30522)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model and precision")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="auto",
+                        help="bf16, fp32 or bf16,fp32; auto = bf16, plus fp32 where the device lacks fast bf16")
+    return parser.parse_args()
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """CUDA from Ampere on; on CPU, oneDNN says whether the cores have native bf16 (AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def matmul_peak_flops(device: torch.device, precision: str, seconds: float = 3.0) -> float:
+    """Best FLOP/s of a large square matmul in `precision`: the ceiling MFU is measured against.
+
+    Tries both `a @ b` and `F.linear` (on CPUs without native bf16 they take different paths, ~10x apart).
+    """
+    n = 4096 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    repeats = 20 if device.type == "cuda" else 1
+    best = 0.0
+    for matmul in (torch.matmul, F.linear):
+        matmul(a, b)
+        deadline = time.perf_counter() + seconds / 2
+        while time.perf_counter() < deadline:
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                matmul(a, b)
+            synchronize(device)
+            best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start))
+    return best
+
+
+def random_batch(args, device: torch.device, seed: int = 0) -> dict:
+    """Shard-like rows: uint16 ids, `predictions` distinct sorted positions per row, their original ids as labels."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(FIRST_REAL_ID, args.vocab_size, (args.batch_size, args.seq_len), generator=gen)
+    positions = torch.rand(args.batch_size, args.seq_len, generator=gen).argsort(1)[:, : args.predictions]
+    positions = positions.sort(1).values
+    labels = torch.gather(input_ids, 1, positions)
+    input_ids = input_ids.scatter(1, positions, 4)  # 4 plays [MASK]
+    return {"input_ids": input_ids.to(torch.uint16).to(device), "mlm_positions": positions.to(torch.uint16).to(device),
+            "mlm_labels": labels.to(device)}
+
+
+def ours_step(model, batch):
+    out = model(batch["input_ids"], batch["mlm_positions"])
+    return F.cross_entropy(out.mlm_logits.flatten(0, 1).float(), batch["mlm_labels"].flatten(), ignore_index=PAD_ID)
+
+
+def hf_inputs(batch) -> dict:
+    """What the transformers route feeds BertForMaskedLM: long ids, a mask, labels -100 outside masked slots."""
+    input_ids = batch["input_ids"].long()
+    labels = torch.full_like(input_ids, -100).scatter(1, batch["mlm_positions"].long(), batch["mlm_labels"])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def hf_step(model, inputs):
+    return model(**inputs).loss
+
+
+def time_steps(model, step, inputs, device, precision, args) -> float:
+    """Seconds per forward + backward + AdamW step, averaged over args.steps after args.warmup."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        with autocast(device, precision):
+            loss = step(model, inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    return (time.perf_counter() - start) / args.steps
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    import transformers
+
+    if args.precision == "auto":
+        precisions = ["bf16"] if bf16_is_fast(device) else ["bf16", "fp32"]
+    else:
+        precisions = args.precision.split(",")
+    config = ModelConfig.from_size(args.size, args.vocab_size, max_positions=max(512, args.seq_len))
+    hf_config = transformers.BertConfig(**hf_config_dict(config))
+    tokens_per_step = args.batch_size * args.seq_len
+    flops_ours = flops_per_token(config, args.seq_len, args.predictions)
+    flops_hf = flops_per_token(config, args.seq_len)
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{torch.backends.cpu.get_cpu_capability()}")
+    print(f"device: {where}; torch {torch.__version__}, transformers {transformers.__version__}")
+    if device.type == "cpu":
+        print(f"load average before the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+              "(other processes share the cores)")
+    print(f"native bf16: {'yes' if bf16_is_fast(device) else 'no (bf16 is emulated; fp32 shown too)'}")
+    print(f"model: {args.size} (L{config.layers}/H{config.hidden}/A{config.heads}), vocab {args.vocab_size}, "
+          f"batch {args.batch_size} x {args.seq_len} tokens, {args.predictions} masked per row, "
+          f"{args.steps} timed steps after {args.warmup} warm-up")
+    print(f"model FLOPs per token (training): ours {flops_ours / 1e6:.1f} M (head at masked positions), "
+          f"HF {flops_hf / 1e6:.1f} M (head at every position)\n")
+
+    rows = []
+    batch = random_batch(args, device)
+    for precision in precisions:
+        peak = matmul_peak_flops(device, precision)
+        torch.manual_seed(0)
+        ours = BertForPretraining(config).to(device).train()
+        hf = transformers.BertForMaskedLM._from_config(hf_config, attn_implementation="sdpa").to(device).train()
+        for name, model, step, inputs, flops in (("ours", ours, ours_step, batch, flops_ours),
+                                                 ("HF BertForMaskedLM (sdpa)", hf, hf_step, hf_inputs(batch),
+                                                  flops_hf)):
+            seconds = time_steps(model, step, inputs, device, precision, args)
+            tokens_per_s = tokens_per_step / seconds
+            achieved = tokens_per_s * flops
+            rows.append((name, precision, count_parameters(model), seconds * 1e3, tokens_per_s, achieved, peak))
+        del ours, hf
+
+    print("| model | precision | params | ms/step | tokens/s | model GFLOP/s | matmul peak GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, precision, params, ms, tokens_per_s, achieved, peak in rows:
+        print(f"| {name} | {precision} | {params / 1e6:.1f} M | {ms:.0f} | {tokens_per_s:,.0f} | "
+              f"{achieved / 1e9:,.1f} | {peak / 1e9:,.1f} | {achieved / peak:.0%} |")
+    for precision in precisions:
+        ours_row, hf_row = (r for r in rows if r[1] == precision)
+        print(f"\n{precision}: ours is {ours_row[4] / hf_row[4]:.2f}x HF's tokens/s")
+
+
+if __name__ == "__main__":
+    main()

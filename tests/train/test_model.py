@@ -1,0 +1,207 @@
+"""The model: parity with Hugging Face BERT, the masked-positions-only head, vocabulary padding, and that it learns."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from prep.errors import BertError  # noqa: E402
+from train.model import (  # noqa: E402
+    BertForPretraining,
+    ModelConfig,
+    count_parameters,
+    flops_per_token,
+    from_hf_state_dict,
+    hf_config_dict,
+    to_hf_state_dict,
+)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and when other processes share the cores, OpenMP workers waiting
+    at barriers slow these tests twentyfold; one thread keeps them at seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# 1000 is not a multiple of 64, so the padded-vocabulary path (1000 -> 1024 rows) is exercised.
+VOCAB = 1000
+
+
+def small_config(**overrides) -> ModelConfig:
+    fields = dict(vocab_size=VOCAB, hidden=64, layers=2, heads=4, ffn=256, max_positions=64)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def padded_batch(seed: int = 0, batch: int = 3, length: int = 24, predictions: int = 5):
+    """Rows with [PAD] tails of different lengths, two segments, and masked positions inside the real tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, VOCAB, (batch, length), generator=gen)
+    lengths = [length, length - 7, length - 12]
+    token_type_ids = torch.zeros(batch, length, dtype=torch.long)
+    positions = torch.empty(batch, predictions, dtype=torch.long)
+    for row, real in enumerate(lengths[:batch]):
+        input_ids[row, real:] = 0
+        token_type_ids[row, real // 2: real] = 1
+        positions[row] = torch.randperm(real, generator=gen)[:predictions].sort().values
+    return input_ids, token_type_ids, positions
+
+
+def hf_model(config: ModelConfig, attn_implementation: str):
+    hf_config = transformers.BertConfig(**hf_config_dict(config))
+    cls = transformers.BertForPreTraining if config.nsp else transformers.BertForMaskedLM
+    return cls._from_config(hf_config, attn_implementation=attn_implementation).eval()
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_logits_match_hugging_face_bert(attn_implementation):
+    """Exported weights give transformers' BertForMaskedLM the same logits (1e-5, fp32) at the masked positions,
+    with padding and two segments in the batch: the export is the model, not an approximation of it."""
+    torch.manual_seed(0)
+    config = small_config()
+    ours = BertForPretraining(config).eval()
+    theirs = hf_model(config, attn_implementation)
+    theirs.load_state_dict(to_hf_state_dict(ours), strict=True)
+    input_ids, token_type_ids, positions = padded_batch()
+
+    with torch.no_grad():
+        got = ours(input_ids.to(torch.uint16), positions, token_type_ids).mlm_logits
+        full = theirs(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=input_ids != 0).logits
+    want = torch.gather(full, 1, positions[..., None].expand(-1, -1, VOCAB))
+    assert got.shape == (3, 5, VOCAB)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_nsp_logits_match_hugging_face_bert_for_pretraining():
+    """With --nsp the pooler and NSP classifier map onto BertForPreTraining, and both heads agree with it."""
+    torch.manual_seed(1)
+    config = small_config(nsp=True)
+    ours = BertForPretraining(config).eval()
+    theirs = hf_model(config, "sdpa")
+    theirs.load_state_dict(to_hf_state_dict(ours), strict=True)
+    input_ids, token_type_ids, positions = padded_batch(seed=1)
+
+    with torch.no_grad():
+        got = ours(input_ids, positions, token_type_ids)
+        out = theirs(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=input_ids != 0)
+    want = torch.gather(out.prediction_logits, 1, positions[..., None].expand(-1, -1, VOCAB))
+    torch.testing.assert_close(got.mlm_logits, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.nsp_logits, out.seq_relationship_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_state_dict_round_trip_and_compiled_prefix():
+    """from_hf(to_hf(model)) restores every tensor exactly, and `_orig_mod.` prefixes from torch.compile are
+    stripped, so checkpoints of compiled runs export too."""
+    torch.manual_seed(2)
+    config = small_config()
+    model = BertForPretraining(config)
+    with torch.no_grad():
+        # Padded rows are zero after a round trip (they are cut off on export), so start from zero to compare.
+        model.encoder.embeddings.word.weight[VOCAB:] = 0
+        model.mlm_head.bias.normal_()
+        model.mlm_head.bias[VOCAB:] = 0
+    state = model.state_dict()
+    compiled_style = {f"_orig_mod.{k}": v for k, v in state.items()}
+
+    restored = from_hf_state_dict(to_hf_state_dict(compiled_style, config), config)
+    assert restored.keys() == state.keys()
+    for key, tensor in state.items():
+        assert torch.equal(restored[key], tensor), key
+    BertForPretraining(config).load_state_dict(restored, strict=True)
+
+
+def test_export_refuses_unmapped_or_missing_weights():
+    """Every weight must land under a transformers name: an extra or missing key, or a pre-LN model (which BERT
+    cannot express), is an error rather than a silently incomplete export."""
+    config = small_config()
+    state = BertForPretraining(config).state_dict()
+    with pytest.raises(BertError, match=r"unmapped \['extra.weight'\]"):
+        to_hf_state_dict({**state, "extra.weight": torch.zeros(1)}, config)
+    hf_state = to_hf_state_dict(state, config)
+    del hf_state["bert.encoder.layer.1.output.dense.bias"]
+    with pytest.raises(BertError, match="missing"):
+        from_hf_state_dict(hf_state, config)
+    with pytest.raises(BertError, match="--norm post"):
+        to_hf_state_dict(BertForPretraining(small_config(norm="pre")))
+
+
+def test_mlm_head_runs_only_at_masked_positions():
+    """The head (and its vocab-sized decoder matmul) sees B*P gathered vectors, or only the N valid ones with
+    mlm_valid, never all B*L: skipping unmasked tokens is where the head's speed comes from."""
+    torch.manual_seed(3)
+    model = BertForPretraining(small_config()).eval()
+    seen = []
+    model.mlm_head.register_forward_hook(lambda module, args, out: seen.append((args[0].shape, out.shape)))
+    input_ids, token_type_ids, positions = padded_batch()
+    valid = torch.ones_like(positions, dtype=torch.bool)
+    valid[1, 3:] = False
+
+    with torch.no_grad():
+        dense = model(input_ids, positions, token_type_ids).mlm_logits
+        packed = model(input_ids, positions, token_type_ids, mlm_valid=valid).mlm_logits
+    assert seen == [((3, 5, 64), (3, 5, VOCAB)), ((13, 64), (13, VOCAB))]
+    torch.testing.assert_close(packed, dense[valid])
+    torch.testing.assert_close(model.logits(input_ids, positions, token_type_ids), dense)
+
+
+def test_padded_vocab_rows_get_zero_probability():
+    """The matrix has 1024 rows for speed but logits cover only the 1000 real ids, so sampling or argmax can
+    never produce an id outside the vocabulary, even if a padded row's weights are large."""
+    torch.manual_seed(4)
+    config = small_config()
+    model = BertForPretraining(config).eval()
+    assert model.encoder.embeddings.word.weight.shape[0] == config.padded_vocab_size == 1024
+    with torch.no_grad():
+        model.encoder.embeddings.word.weight[VOCAB:] = 100.0
+        model.mlm_head.bias[VOCAB:] = 1e4
+    input_ids, token_type_ids, _ = padded_batch()
+    logits = model.logits(input_ids, token_type_ids=token_type_ids)
+    assert logits.shape == (3, 24, VOCAB)
+    torch.testing.assert_close(logits.softmax(-1).sum(-1), torch.ones(3, 24))
+    assert ModelConfig(vocab_size=30522, hidden=64, layers=1, heads=1, ffn=64).padded_vocab_size == 30528
+
+
+def test_tiny_pre_ln_overfits_one_batch():
+    """A tiny pre-LN model with NSP drives the loss on one fixed batch to near zero: gradients reach every part
+    of the model and the heads are wired to the right targets."""
+    torch.manual_seed(5)
+    config = ModelConfig.from_size("tiny", VOCAB, norm="pre", nsp=True, dropout=0.0, attention_dropout=0.0,
+                                   max_positions=64)
+    model = BertForPretraining(config).train()
+    input_ids, token_type_ids, positions = padded_batch(seed=5, length=32, predictions=6)
+    labels = torch.gather(input_ids, 1, positions)
+    input_ids = input_ids.scatter(1, positions, 3)  # 3 plays [MASK]
+    nsp_labels = torch.tensor([0, 1, 1])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    for _ in range(150):
+        out = model(input_ids, positions, token_type_ids)
+        loss = F.cross_entropy(out.mlm_logits.flatten(0, 1), labels.flatten()) + F.cross_entropy(
+            out.nsp_logits, nsp_labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+
+
+def test_named_sizes_and_config_round_trip():
+    """Named sizes follow heads = H/64, ffn = 4H; a config saved with as_dict reads back equal; a bad flag value
+    is a BertError naming the flag."""
+    base = ModelConfig.from_size("base", 30522)
+    assert (base.layers, base.hidden, base.heads, base.ffn) == (12, 768, 12, 3072)
+    with torch.device("meta"):  # counts shapes without spending seconds on initialisation
+        assert 109e6 < count_parameters(BertForPretraining(base)) < 111e6  # BERT-base has 110M
+    narrow = ModelConfig.from_size("small", 1000, hidden=256)
+    assert (narrow.layers, narrow.heads, narrow.ffn) == (4, 4, 1024)
+    assert ModelConfig.from_dict(narrow.as_dict()) == narrow
+    assert flops_per_token(base, 128, predictions_per_row=20) < flops_per_token(base, 128)
+    with pytest.raises(BertError, match="--size"):
+        ModelConfig.from_size("huge", 1000)
+    with pytest.raises(BertError, match=r"--heads \(5\) must divide --hidden \(64\)"):
+        small_config(heads=5)
+    with pytest.raises(BertError, match="--norm"):
+        small_config(norm="sandwich")
