@@ -52,9 +52,10 @@ class ExternalShuffle:
     def _scatter(self, buckets: int) -> list[Path]:
         """Reads the spool a bucket's worth at a time and appends each row to a random bucket's file."""
         paths = [self.scratch_dir / f"bucket-{b:05d}.bin" for b in range(buckets)]
-        spool = np.memmap(self._spool_path, dtype=self.dtype, mode="r", shape=(self.rows,))
         for chunk, start in enumerate(range(0, self.rows, self.rows_per_bucket)):
-            rows = np.array(spool[start : start + self.rows_per_bucket])
+            # Plain reads, not a map: the spool's pages would otherwise count as resident memory of this process.
+            rows = np.fromfile(self._spool_path, dtype=self.dtype, count=min(self.rows_per_bucket, self.rows - start),
+                               offset=start * self.dtype.itemsize)
             rng = np.random.default_rng([self.seed, _TAG_SCATTER, chunk])
             target = rng.integers(0, buckets, size=len(rows))
             order = np.argsort(target, kind="stable")
@@ -63,7 +64,6 @@ class ExternalShuffle:
                 if bounds[b + 1] > bounds[b]:
                     with open(paths[b], "ab") as f:
                         f.write(rows[order[bounds[b] : bounds[b + 1]]].tobytes())
-        del spool
         return paths
 
     def _write_bucket(self, rows: np.ndarray, bucket: int, write_shard: Callable[[np.ndarray], None]) -> None:
