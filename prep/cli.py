@@ -13,8 +13,10 @@ from prep.errors import BertError
 DEFAULT_VOCAB_DIR = Path("data/vocab")
 
 
-class _Group(click.Group):
+class ErrorHandlingGroup(click.Group):
     """Turns our user errors into one line on stderr and exit status 1, and Ctrl-C into exit 130, without a trace."""
+
+    interrupted_message = "interrupted: nothing was written; run the command again to start over"
 
     def invoke(self, ctx):
         try:
@@ -22,7 +24,7 @@ class _Group(click.Group):
         except BertError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written; run the command again to start over", err=True)
+            click.echo(self.interrupted_message, err=True)
             sys.exit(130)
 
 
@@ -38,7 +40,7 @@ def casing_option(default):
     return decorate
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bertprep")
 def main():
     """Turn text into pre-masked, fixed-length BERT training shards.

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, build_wiki_shards
+from tests.conftest import REPO_ROOT, build_wiki_shards
 from prep.corpus import ReadStats, read_documents, split_sentences
 from prep.masking import restore
 from prep.shards import open_dataset

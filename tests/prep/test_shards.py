@@ -23,7 +23,7 @@ def test_arrays_map_zero_copy_and_match_the_manifest(wiki_shards):
 
 def test_slices_across_shards(tmp_path, vocab_dir, wiki_valid):
     """With small shards, a range spanning a boundary equals the rows read one by one."""
-    from conftest import build_wiki_shards
+    from tests.conftest import build_wiki_shards
 
     path = build_wiki_shards(tmp_path / "d", vocab_dir, [wiki_valid], val_fraction=0.1, rows_per_shard=100)
     train = open_dataset(path).split("train")

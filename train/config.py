@@ -1,0 +1,191 @@
+"""`TrainConfig`: every option of `berttrain run`, validated once, saved as the run's config.json and read back."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Mapping
+
+from prep.errors import BertError
+from train.masking import MASKING_MODES
+from train.model import NORMS, SIZES
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("linear", "cosine")
+
+# Peak learning rates that train each size untuned at a few hundred rows per step; pre-LN takes about twice the
+# post-LN rate (Xiong et al., 2020). Larger models need smaller steps.
+DEFAULT_LR = {
+    "post": {"tiny": 1e-3, "mini": 7e-4, "small": 5e-4, "medium": 3e-4, "base": 1e-4, "large": 5e-5},
+    "pre": {"tiny": 2e-3, "mini": 1.4e-3, "small": 1e-3, "medium": 6e-4, "base": 2e-4, "large": 1e-4},
+}
+WARMUP_SHARE = 0.06  # of the planned steps, as RoBERTa; capped so that long runs are not mostly warm-up
+WARMUP_CAP = 10_000
+MIN_LR_SHARE = 0.1  # the default --min-lr, as a share of --lr
+OVERFIT_STEPS = 300  # the default --steps of --overfit-batch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run; None means "the default derived from the data, the model size or the other options"."""
+
+    shards: str
+    """Dataset directory made by `bertprep shard` (--shards)."""
+    run_dir: str | None = None
+    """Where config, metrics and checkpoints go; default a new runs/run<N> (--run-dir)."""
+    size: str = "small"
+    """Named model size: tiny, mini, small, medium, base, large (--size)."""
+    layers: int | None = None
+    """Encoder layers, overriding the size (--layers)."""
+    hidden: int | None = None
+    """Hidden width, overriding the size (--hidden)."""
+    heads: int | None = None
+    """Attention heads, overriding the size (--heads)."""
+    ffn: int | None = None
+    """Feed-forward width, overriding the size (--ffn)."""
+    dropout: float | None = None
+    """Dropout on embeddings, residual branches and attention; default 0.1, or 0 with --overfit-batch (--dropout)."""
+    norm: str = "post"
+    """LayerNorm placement: post (BERT) or pre (--norm)."""
+    max_positions: int | None = None
+    """Size of the position table; default 512, or the shards' max_len when longer (--max-positions)."""
+    masking: str = "static"
+    """static: the shards' masks; dynamic: fresh masks on the device every step (--masking)."""
+    batch_size: int = 32
+    """Rows per process per micro-step (--batch-size)."""
+    grad_accum: int = 1
+    """Micro-steps accumulated into one optimizer step (--grad-accum)."""
+    steps: int | None = None
+    """Optimizer steps to train; default one epoch (--steps)."""
+    epochs: float | None = None
+    """Passes over the training rows, instead of --steps (--epochs)."""
+    lr: float | None = None
+    """Peak learning rate; default by --size and --norm (--lr)."""
+    min_lr: float | None = None
+    """Learning rate at the end of the decay; default a tenth of --lr (--min-lr)."""
+    warmup: int | None = None
+    """Linear warm-up steps; default 6% of the planned steps, at most 10,000 (--warmup)."""
+    schedule: str = "linear"
+    """Decay after warm-up: linear or cosine (--schedule)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay; never on biases and LayerNorm (--weight-decay)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off (--grad-clip)."""
+    precision: str = "auto"
+    """auto, bf16, fp16 or fp32; auto is bf16 where the device has it, else fp32 (--precision)."""
+    compile: bool = False
+    """Run the model through torch.compile (--compile)."""
+    seed: int = 0
+    """Seed of the initial weights, the batch order, dropout and dynamic masks (--seed)."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda (--device)."""
+    eval_every: int = 500
+    """Evaluate on the validation split every N steps and at the end; 0 = never (--eval-every)."""
+    eval_rows: int = 4096
+    """Validation rows per evaluation (all when fewer) (--eval-rows)."""
+    log_every: int = 10
+    """Write a metrics record every N steps (--log-every)."""
+    save_every: int = 1000
+    """Save a checkpoint every N steps and at the end; 0 = only at the end (--save-every)."""
+    keep_last: int = 3
+    """Checkpoints kept besides the best (--keep-last)."""
+    overfit_batch: bool = False
+    """Train on the first batch only, to check that the loss can reach ~0 (--overfit-batch)."""
+    max_nonfinite: int = 5
+    """Stop after this many steps in a row with a non-finite loss (--max-nonfinite)."""
+    resume: bool = False
+    """Continue the run in --run-dir from its latest checkpoint (--resume)."""
+    force: bool = False
+    """Replace an existing --run-dir (--force)."""
+    init_from: str | None = None
+    """Start from the weights of a run or checkpoint directory, nothing else (--init-from)."""
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise BertError(f"--size must be one of {', '.join(SIZES)}, got {self.size!r}")
+        if self.norm not in NORMS:
+            raise BertError(f"--norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        for name, choices in (("masking", MASKING_MODES), ("precision", PRECISIONS), ("device", DEVICES),
+                              ("schedule", SCHEDULES)):
+            if getattr(self, name) not in choices:
+                raise BertError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "grad_accum", "log_every", "max_nonfinite", "eval_rows", "keep_last"):
+            _require(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
+        for name in ("layers", "hidden", "heads", "ffn", "steps", "max_positions"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, "at least 1", value)
+        for name in ("eval_every", "save_every", "seed", "warmup"):
+            value = getattr(self, name)
+            _require(value is None or value >= 0, name, "0 or more", value)
+        _require(self.epochs is None or self.epochs > 0, "epochs", "positive", self.epochs)
+        _require(self.lr is None or self.lr > 0, "lr", "positive", self.lr)
+        _require(self.min_lr is None or self.min_lr >= 0, "min_lr", "0 or more", self.min_lr)
+        _require(self.dropout is None or 0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
+        _require(self.weight_decay >= 0, "weight_decay", "0 or more", self.weight_decay)
+        _require(self.grad_clip >= 0, "grad_clip", "0 or more", self.grad_clip)
+        if self.steps is not None and self.epochs is not None:
+            raise BertError("--steps and --epochs both say how long to train: pass one of them")
+        if self.resume and self.force:
+            raise BertError("--resume continues a run and --force replaces it: pass one of them")
+        if self.resume and self.init_from:
+            raise BertError("--resume restores everything from the run itself: drop --init-from")
+        if self.resume and not self.run_dir:
+            raise BertError("--resume needs the run to continue: pass --run-dir DIR")
+        if self.overfit_batch and self.masking == "dynamic":
+            raise BertError("--overfit-batch needs the same masks every step: use --masking static")
+        if self.lr is not None and self.min_lr is not None and self.min_lr > self.lr:
+            raise BertError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.norm][self.size]
+
+    @property
+    def final_lr(self) -> float:
+        return self.min_lr if self.min_lr is not None else MIN_LR_SHARE * self.peak_lr
+
+    @property
+    def model_dropout(self) -> float:
+        if self.dropout is not None:
+            return self.dropout
+        return 0.0 if self.overfit_batch else 0.1
+
+    def model_overrides(self) -> dict:
+        """The ModelConfig fields this config sets (the size gives the rest)."""
+        fields = {"layers": self.layers, "hidden": self.hidden, "heads": self.heads, "ffn": self.ffn}
+        overrides = {k: v for k, v in fields.items() if v is not None}
+        dropout = self.model_dropout
+        return {**overrides, "norm": self.norm, "dropout": dropout, "attention_dropout": dropout}
+
+    def planned_steps(self, steps_per_epoch: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is not None:
+            return max(1, round(self.epochs * steps_per_epoch))
+        return OVERFIT_STEPS if self.overfit_batch else steps_per_epoch
+
+    def warmup_steps(self, planned_steps: int) -> int:
+        if self.warmup is not None:
+            return self.warmup
+        return min(WARMUP_CAP, round(WARMUP_SHARE * planned_steps))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "TrainConfig":
+        """Reads back `as_dict()`, as saved in a run's config.json."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BertError(f"run config has unknown options {unknown}: was it written by a newer berttrain?")
+        return cls(**data)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _require(ok: bool, field: str, what: str, value) -> None:
+    if not ok:
+        raise BertError(f"--{field.replace('_', '-')} must be {what}, got {value}")
