@@ -345,10 +345,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     groups = _param_groups(model, config.weight_decay)
     kwargs = dict(lr=config.peak_lr, betas=(0.9, 0.98), eps=1e-6)
-    try:
+    # The fused kernel is the fast one on CUDA only: on CPU (torch 2.13) it is ~10x slower than the foreach one.
+    if next(model.parameters()).is_cuda:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):  # no fused kernel for this device
-        return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 def _rng_state() -> dict:
