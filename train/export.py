@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -402,11 +403,7 @@ def export_hf(source: Path, out_dir: Path, checkpoint: Path | None = None, vocab
 
 
 def _has_safetensors() -> bool:
-    try:
-        import safetensors.torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("safetensors") is not None
 
 
 def _check_with_transformers(weights: dict[str, torch.Tensor], hf_config: dict) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from prep.errors import BertError
 from train.export import Pretrained, load_pretrained
+from train.loop import resolve_device
 from train.model import BertForPretraining, BertModel, ModelConfig
 
 MODEL_FILE = "model.pt"  # the classifier's state dict, best epoch
@@ -217,7 +218,7 @@ class Encoded:
 
 def encode_examples(examples: Examples, tokenizer, max_len: int, labels: list[str] | None) -> Encoded:
     """[CLS] a [SEP] (b [SEP]) per example, cut to `max_len` tokens: a single text from its end, a pair from the
-    end of whichever text is longer, one token at a time (Hugging Face's longest_first)."""
+    end of the longer text first (Hugging Face's longest_first)."""
     special = tokenizer.vocab.special
     a_ids, a_lengths = tokenizer.encode_many(examples.text_a)
     a_offsets = np.concatenate([[0], np.cumsum(a_lengths)])
@@ -251,12 +252,14 @@ def encode_examples(examples: Examples, tokenizer, max_len: int, labels: list[st
 
 
 def _pair_lengths(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
-    """Tokens kept of each text of a pair: longest_first truncation in closed form."""
+    """Tokens kept of each text of a pair: the `tokenizers` library's longest_first truncation in closed form
+    (the shorter text is kept whole if it fits in half the budget, else it gets the lower half)."""
     if len_a + len_b <= budget:
         return len_a, len_b
-    if min(len_a, len_b) <= budget // 2:
+    if 2 * min(len_a, len_b) <= budget:
         return (len_a, budget - len_a) if len_a <= len_b else (budget - len_b, len_b)
-    return budget - budget // 2, budget // 2
+    half = budget // 2
+    return (half, budget - half) if len_a <= len_b else (budget - half, half)
 
 
 def _batch(encoded: Encoded, index: np.ndarray, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -362,9 +365,8 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
 
 
 def _better(record: dict, best: dict | None) -> bool:
-    if best is None:
-        return True
-    return (record["val_acc"], -record["val_loss"]) > (best["val_acc"], -best["val_loss"])
+    """Strictly better validation accuracy: a tie keeps the earlier (shorter-trained) model."""
+    return best is None or record["val_acc"] > best["val_acc"]
 
 
 def finetune(config: FinetuneConfig, progress: bool = True, log=None) -> dict:
@@ -374,8 +376,6 @@ def finetune(config: FinetuneConfig, progress: bool = True, log=None) -> dict:
     `log` receives one line per epoch (default: stderr).
     """
     from tqdm import tqdm
-
-    from train.loop import resolve_device
 
     say = log or (lambda line: tqdm.write(line, file=sys.stderr))
     out_dir = Path(config.out_dir)

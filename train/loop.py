@@ -28,7 +28,7 @@ from torch import nn
 
 from prep.errors import BertError
 from prep.masking import derive_key
-from prep.shards import FORMAT_VERSION, Dataset, Split, open_dataset
+from prep.shards import FORMAT_VERSION, Dataset, Split, file_sha256, open_dataset
 from prep.wordpiece import Vocab
 from train import checkpoint as ckpt
 from train.batches import BatchLayout, BatchOrder, BatchStream, eval_batches, eval_slices
@@ -315,10 +315,17 @@ def _model_for(config: TrainConfig, dataset: Dataset) -> tuple[ModelConfig, dict
     """(model config, initial weights or None, where the model comes from, its vocabulary's sha256)."""
     vocab, nsp = dataset.vocab, dataset.has_nsp
     if config.init_from:
-        source = ckpt.resolve_checkpoint(Path(config.init_from))
-        info = ckpt.read_info(source)
-        saved = ModelConfig.from_dict(ckpt.load_model_config(source))
-        state = ckpt.load_weights(source)
+        from train.export import is_hf_dir, load_hf_dir  # here: export imports this module
+
+        path = Path(config.init_from)
+        if is_hf_dir(path):  # a published Hugging Face BERT: weights, config.json and vocab.txt
+            saved, state, vocab_file = load_hf_dir(path)
+            source, vocab_sha256 = path, file_sha256(vocab_file)
+        else:
+            source = ckpt.resolve_checkpoint(path)
+            saved = ModelConfig.from_dict(ckpt.load_model_config(source))
+            state = ckpt.load_weights(source)
+            vocab_sha256 = ckpt.read_info(source).get("vocab_sha256")
         dropout = config.model_dropout
         fields = {**saved.as_dict(), "dropout": dropout, "attention_dropout": dropout, "nsp": nsp}
         model_config = ModelConfig.from_dict(fields)
@@ -326,7 +333,7 @@ def _model_for(config: TrainConfig, dataset: Dataset) -> tuple[ModelConfig, dict
             state = {k: v for k, v in state.items() if not k.startswith(("pooler.", "nsp_head."))}
         if dataset.max_len > model_config.max_positions:
             state, model_config = _grow_positions(state, model_config, dataset.max_len)
-        return model_config, state, f"--init-from {source}", info.get("vocab_sha256")
+        return model_config, state, f"--init-from {source}", vocab_sha256
     max_positions = config.max_positions or max(512, dataset.max_len)
     model_config = ModelConfig.from_size(config.size, int(vocab["size"]), pad_id=int(vocab["special"]["pad"]),
                                          nsp=nsp, max_positions=max_positions, **config.model_overrides())

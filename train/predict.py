@@ -178,7 +178,8 @@ def row_html(row: dict, vocab) -> str:
         else:
             title = (f"model: {slot['prediction']} p={slot['prob']:.3f}; truth: {slot['truth']} "
                      f"p={slot['truth_prob']:.3f}; input held {slot['input']}")
-            guess = shown[2:] if shown.startswith("##") else shown.lstrip("\u2581")
+            # A piece is shown bare only where the truth is a piece too; elsewhere its '##' says what it is.
+            guess = shown[2:] if glued and shown.startswith("##") else shown.lstrip("\u2581")
             if slot["correct"]:
                 body = f'<span class="ok" title="{html.escape(title)}">{html.escape(guess)}</span>'
             else:
@@ -207,11 +208,12 @@ def write_shard_html(predictor: Predictor, split: Split, out_path: Path, rows: i
     summary = {"rows": len(scored), "masked": masked, "correct": correct, "accuracy": correct / max(masked, 1)}
     pretrained = predictor.pretrained
     title = f"Masked-token predictions: {pretrained.source}"
+    at_step = f", step {pretrained.step}" if pretrained.step else ""
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{PREDICTION_CSS}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p class="summary">{html.escape(split.name)} rows {start}–{stop - 1}{f", step {pretrained.step}" if pretrained.step else ""}:
+<p class="summary">{html.escape(split.name)} rows {start}–{stop - 1}{at_step}:
 {correct} of {masked} masked tokens right ({summary['accuracy']:.1%}).
 <span class="ok">green</span>: the model's top guess is the original token;
 <span class="bad">red<span class="truth">truth</span></span>: its guess, the original in brackets.

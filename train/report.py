@@ -23,6 +23,7 @@ HTML_NAME = "report.html"
 PNG_NAME = "report.png"
 CHART_WIDTH, CHART_HEIGHT = 520, 230
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 62, 14, 28, 34
+LEGEND_WIDTH = 160
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 MATPLOTLIB_HINT = "pip install matplotlib"
 
@@ -43,6 +44,8 @@ class Chart:
     title: str
     series: list[Series] = field(default_factory=list)
     y_label: str = ""
+    y_include: tuple[float, ...] = ()
+    """Values the y axis always spans: a data wait of 0.01% then reads as the flat line at 0 it is."""
 
     @property
     def empty(self) -> bool:
@@ -98,7 +101,7 @@ def charts(train: list[dict], val: list[dict]) -> list[Chart]:
         Chart("Learning rate", [Series("lr", points(train, "lr"))], "lr"),
         Chart("Throughput", [Series("tokens/s", points(train, "tokens_per_s"))], "tokens/s"),
         Chart("Share of step time waiting for data", [Series("data wait", points(train, "data_wait_frac"))],
-              "share"),
+              "share", y_include=(0.0, 0.05)),
         Chart("Gradient norm (before clipping)", [Series("grad norm", points(train, "grad_norm"))], "norm"),
     ]
     return [chart for chart in result if not chart.empty]
@@ -137,8 +140,10 @@ def svg_chart(chart: Chart) -> str:
     """A line chart as an inline SVG element: axes with round ticks, one polyline per series, a legend."""
     xs = [x for s in chart.series for x, v in s.points if v is not None]
     ys = [v for s in chart.series for _, v in s.points if v is not None and math.isfinite(v)]
+    ys += chart.y_include
     x_ticks = nice_ticks(min(xs), max(xs))
-    y_ticks = nice_ticks(min(ys), max(ys))
+    headroom = 0.06 * len(chart.series) * (max(ys) - min(ys))  # room for the legend above the highest value
+    y_ticks = nice_ticks(min(ys), max(ys) + headroom)
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
     plot_w = CHART_WIDTH - MARGIN_LEFT - MARGIN_RIGHT
     plot_h = CHART_HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
@@ -162,6 +167,11 @@ def svg_chart(chart: Chart) -> str:
                    f'text-anchor="middle">{format_number(t)}</text>')
     out.append(f'<text x="{CHART_WIDTH - MARGIN_RIGHT}" y="{CHART_HEIGHT - 4}" class="tick" '
                f'text-anchor="end">step</text>')
+    legend_x = CHART_WIDTH - MARGIN_RIGHT - LEGEND_WIDTH
+    named = sum(any(v is not None for _, v in s.points) for s in chart.series)
+    # A translucent box keeps the legend readable where a curve runs under it.
+    legend = [f'<rect x="{legend_x - 4}" y="{MARGIN_TOP - 6}" width="{LEGEND_WIDTH + 4}" height="{14 * named + 6}" '
+              f'fill="#fff" fill-opacity="0.8"/>']
     legend_y = MARGIN_TOP + 4
     for i, series in enumerate(chart.series):
         color = COLORS[i % len(COLORS)]
@@ -176,11 +186,11 @@ def svg_chart(chart: Chart) -> str:
                                f'{html.escape(series.name)} at step {x:g}: {y:.4g}</title></circle>')
         if not any(v is not None for _, v in series.points):
             continue
-        out.append(f'<line x1="{CHART_WIDTH - MARGIN_RIGHT - 150}" x2="{CHART_WIDTH - MARGIN_RIGHT - 132}" '
-                   f'y1="{legend_y}" y2="{legend_y}" stroke="{color}" stroke-width="2"{dash}/>'
-                   f'<text x="{CHART_WIDTH - MARGIN_RIGHT - 128}" y="{legend_y + 4}" class="legend">'
-                   f'{html.escape(series.name)}</text>')
+        legend.append(f'<line x1="{legend_x}" x2="{legend_x + 18}" y1="{legend_y}" y2="{legend_y}" stroke="{color}" '
+                      f'stroke-width="2"{dash}/><text x="{legend_x + 22}" y="{legend_y + 4}" class="legend">'
+                      f'{html.escape(series.name)}</text>')
         legend_y += 14
+    out += legend
     out.append("</svg>")
     return "".join(out)
 
@@ -340,6 +350,9 @@ def _write_png(chart_list: list[Chart], path: Path, title: str) -> None:
             ys = [math.nan if y is None else y for _, y in series.points]
             ax.plot(xs, ys, label=series.name, color=COLORS[i % len(COLORS)], linestyle="--" if series.dashed else "-",
                     marker="o" if series.markers else None, markersize=3)
+        if chart.y_include:
+            low, high = ax.get_ylim()
+            ax.set_ylim(min(low, *chart.y_include), max(high, *chart.y_include))
         ax.set_title(chart.title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -1,0 +1,54 @@
+"""A real pretrained run shared by the predict, export, finetune and report tests: the real trainer on the real
+WikiText-2 shards, small enough to train in seconds on a CPU."""
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+
+# 2 layers x 64 wide: big enough to learn token frequencies and a little context, small enough for ~15 s of CPU.
+PRETRAIN = dict(size="tiny", layers=2, hidden=64, heads=2, steps=120, batch_size=32, eval_every=40, eval_rows=256,
+                log_every=10, save_every=60, keep_last=5, precision="fp32", device="cpu", seed=0)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core machine punishes two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory, wiki_shards) -> Path:
+    """A run of `berttrain run` on wiki_shards: metrics with evaluations, checkpoints at steps 60 and 120."""
+    from train.config import TrainConfig
+    from train.loop import run
+
+    run_dir = tmp_path_factory.mktemp("use") / "pretrained"
+    with one_thread():
+        run(TrainConfig(shards=str(wiki_shards), run_dir=str(run_dir), **PRETRAIN), progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def hf_export(tmp_path_factory, pretrained_run) -> Path:
+    """`berttrain export` of the pretrained run: a Hugging Face directory."""
+    from train.export import export_hf
+
+    return Path(export_hf(pretrained_run, tmp_path_factory.mktemp("hf") / "bert")["out_dir"])
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """The `berttrain` group with this issue's commands, whether or not train/cli.py registers them yet."""
+    from train.cli import main
+    from train.commands_use import register
+
+    if not {"predict", "export", "finetune", "report"} <= set(main.commands):
+        register(main)
+    return main
