@@ -383,7 +383,7 @@ def render(info: dict, corpus: dict, vocab_size: int, workers: int, results: dic
         "| job | processes | wall s | tokens/s | CPU s | tokens per CPU-s | peak RSS, largest process "
         "| peak PSS, all processes |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| `bertprep shard` end to end: read, split, tokenize, pack, mask, shuffle, write | main + {workers} | "
+        f"| `bertprep shard` end to end: read, tokenize, pack, mask, shuffle, write | main + {workers} | "
         f"{ours.wall_s:.1f} | {rate(tokens, ours.wall_s)} | {ours.cpu_s:.1f} | {rate(tokens, ours.cpu_s)} | "
         f"{mib(ours.max_rss_bytes)} | {mib(ours.peak_tree_pss_bytes)} |",
         f"| our `encode_many` alone (sentences split beforehand), 1 process | 1 | {raw1['encode_s']:.1f} | "
@@ -404,11 +404,11 @@ def render(info: dict, corpus: dict, vocab_size: int, workers: int, results: dic
         f"machine the CPU ratio is the ceiling of the wall ratio: a job that spends {1 / cpu_vs_raw:.1f} CPU-seconds "
         f"per CPU-second of encoding cannot finish in the encoding's wall time on the same cores. A wall ratio above "
         f"it means the neighbours slowed the raw rows more than ours.",
-        f"- Where the CPU goes: the main process (reading, packing, masking, shuffling, writing, feeding the pool) "
+        f"- Where the CPU goes: the main process (reading, packing, shuffling, writing, feeding the pool) "
         f"used {ours.main_cpu_s:.1f} of the job's {ours.cpu_s:.1f} CPU-seconds (sampled), the {workers} workers "
-        f"(start-up, vocabulary load, sentence splitting, encoding) the rest. Reading and sentence splitting alone, "
-        f"which the raw rows leave out, took {raw1['read_split_cpu_s']:.1f} CPU-s in one process against "
-        f"{raw1['encode_cpu_s']:.1f} CPU-s of encoding.",
+        f"(encoding and masking, each with its own cold tokenizer cache) the rest. Reading and sentence splitting, "
+        f"which the raw rows leave out (the job splits sentences only with --nsp), took "
+        f"{raw1['read_split_cpu_s']:.1f} CPU-s in one process against {raw1['encode_cpu_s']:.1f} CPU-s of encoding.",
         f"- **End to end vs Hugging Face: {theirs.wall_s / ours.wall_s:.1f}× faster by wall time** (target ≥ 4×), "
         f"{theirs.cpu_s / ours.cpu_s:.1f}× less CPU; {hf['work_s'] / ours.wall_s:.1f}× by wall time if HF's "
         f"{hf['import_s']:.1f} s of imports (torch, transformers, datasets) are left out. HF's time after imports: "
@@ -445,11 +445,10 @@ def render(info: dict, corpus: dict, vocab_size: int, workers: int, results: dic
         "",
         "What grows is the main process, in two ways. The shuffle holds one bucket (one shard's rows) and its "
         "permuted copy at a time, so with the default shard size its anonymous memory rises until the training "
-        "split fills one shard (about 200,000 rows of 128 tokens, some 130 MB of WikiText) and is flat beyond. And "
-        "once there is more than one bucket, the shuffle scatters the spool of all rows through a memory map "
-        "(`ExternalShuffle._scatter`), whose pages, once read, stay resident as file-backed memory for as long as "
-        "the map is open (page cache the kernel can reclaim, but RSS all the same), so that part grows with the "
-        f"whole training split ({mib(sweep[-1]['train_bytes'])} of rows at {sweep[-1]['copies']} copies). With "
+        "split fills one shard (about 200,000 rows of 128 tokens, some 130 MB of WikiText) and is flat beyond: the "
+        "bound is set by --rows-per-shard, not by the corpus. (The scatter pass reads the spool of all rows, "
+        f"{mib(sweep[-1]['train_bytes'])} at {sweep[-1]['copies']} copies, a bucket at a time with plain reads, "
+        "so none of it stays resident.) With "
         f"`--rows-per-shard {SWEEP_ROWS_PER_SHARD}`, over a {sweep[-1]['copies'] // sweep[0]['copies']}× larger "
         f"input the main process's file-backed memory goes from {mib(first.main_file_bytes)} to "
         f"{mib(last.main_file_bytes)} and its anonymous memory from {mib(first.main_anon_bytes)} to "

@@ -123,6 +123,21 @@ class EncodedDocument:
 
 # --- workers -------------------------------------------------------------------------------------------------
 
+@dataclass
+class MaskStats:
+    rows: int = 0
+    tokens: int = 0
+    masked: int = 0
+    replaced_mask: int = 0
+    replaced_random: int = 0
+    kept: int = 0
+    unknown: int = 0
+
+    def add(self, other: "MaskStats") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
 _worker_tokenizer = None
 
 
@@ -145,6 +160,25 @@ def _encode_batch(docs: list[Document], split: str | None, seed: int, val_fracti
         doc_split = split or ("val" if val_fraction and is_validation(doc, seed, val_fraction) else "train")
         encoded.append(EncodedDocument(doc.index, doc_split, tokens.astype(np.int32, copy=False), lengths[keep]))
     return encoded
+
+
+def _mask_block(rows: Rows, keys: np.ndarray, masking: MaskingConfig, record_dtype: np.dtype) -> tuple[np.ndarray, MaskStats]:
+    """Masks one block of rows into row records, with what it counted. Runs in a worker: a pure function of its
+    arguments and the vocabulary, so where it runs never changes the bytes."""
+    vocab = _worker_tokenizer.vocab
+    tables = VocabTables(vocab.is_special, vocab.is_continuation, vocab.special.mask, vocab.special.pad)
+    masked = mask_rows(rows.input_ids, keys, masking, tables)
+    records = np.empty(len(rows), dtype=record_dtype)
+    records["input_ids"] = masked.input_ids
+    records["mlm_positions"] = masked.mlm_positions
+    records["mlm_labels"] = masked.mlm_labels
+    if rows.token_type_ids is not None:
+        records["token_type_ids"] = rows.token_type_ids
+        records["nsp_labels"] = rows.nsp_labels
+    stats = MaskStats(rows=len(rows), tokens=int((rows.input_ids != vocab.special.pad).sum()), masked=masked.masked,
+                      replaced_mask=masked.replaced_mask, replaced_random=masked.replaced_random, kept=masked.kept,
+                      unknown=int((rows.input_ids == vocab.special.unk).sum()))
+    return records, stats
 
 
 def _batches(docs: Iterable[Document]) -> Iterator[list[Document]]:
@@ -183,6 +217,12 @@ class _Encoder:
             self.pool.terminate()
             self.pool.join()
 
+    def submit(self, fn, *args):
+        """Runs fn(*args) in a worker (or here); returns an object whose get() gives the result."""
+        if self.pool is None:
+            return _Done(fn(*args))
+        return self.pool.apply_async(fn, args)
+
     def encode(self, batches: Iterable[list[Document]], *args) -> Iterator[EncodedDocument]:
         if self.pool is None:
             for batch in batches:
@@ -197,29 +237,26 @@ class _Encoder:
             yield from pending.popleft().get()
 
 
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
 # --- rows ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class MaskStats:
-    rows: int = 0
-    tokens: int = 0
-    masked: int = 0
-    replaced_mask: int = 0
-    replaced_random: int = 0
-    kept: int = 0
-    unknown: int = 0
-
 
 class SplitBuilder:
     """Packs one split's documents into rows, masks each copy, and hands row records to `sink`."""
 
-    def __init__(self, name: str, config: ShardConfig, tables: VocabTables, special, record_dtype: np.dtype,
-                 sink: Callable[[np.ndarray], None], copies: int):
-        self.name, self.config, self.tables = name, config, tables
+    def __init__(self, name: str, config: ShardConfig, special, record_dtype: np.dtype,
+                 sink: Callable[[np.ndarray], None], copies: int, submit, in_flight: int):
+        self.name, self.config = name, config
         self.record_dtype, self.sink, self.copies = record_dtype, sink, copies
-        self.unk_id = special.unk
         self.mask_stats = MaskStats()
-        self._ordinary = tables.ordinary_ids
+        self._submit, self._in_flight = submit, in_flight
+        self._pending = deque()  # masking tasks, consumed in the order they were made
         ids = (config.max_len, special.cls, special.sep, special.pad)
         if config.nsp:
             self.pool = DocumentPool()
@@ -246,6 +283,7 @@ class SplitBuilder:
 
     def finish(self) -> None:
         self._collect((packer.finish() for packer in self.packers), flush=True)
+        self._drain(0)
 
     def _collect(self, taken: Iterable[Rows | None], flush: bool = False) -> None:
         for block, rows in zip(self._blocks, taken):
@@ -259,28 +297,19 @@ class SplitBuilder:
             self._blocks = [[] for _ in self.packers]
 
     def _emit(self, rows: Rows, pair_copy: int | None) -> None:
-        """Masks a block of rows (for every copy when the packing is shared) and passes on the records."""
+        """Has a block of rows masked (for every copy when the packing is shared) by the workers; their records reach
+        the sink in the order the blocks were made."""
         copies = [pair_copy] if pair_copy is not None else range(self.copies)
-        real = rows.input_ids != self.tables.pad_id
         for copy in copies:
             keys = derive_key(self.config.seed, SPLIT_TAGS[self.name], copy, rows.doc_index, rows.doc_row)
-            masked = mask_rows(rows.input_ids, keys, self.config.masking, self.tables, self._ordinary)
-            records = np.empty(len(rows), dtype=self.record_dtype)
-            records["input_ids"] = masked.input_ids
-            records["mlm_positions"] = masked.mlm_positions
-            records["mlm_labels"] = masked.mlm_labels
-            if rows.token_type_ids is not None:
-                records["token_type_ids"] = rows.token_type_ids
-                records["nsp_labels"] = rows.nsp_labels
+            self._pending.append(self._submit(_mask_block, rows, keys, self.config.masking, self.record_dtype))
+        self._drain(self._in_flight)
+
+    def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            records, stats = self._pending.popleft().get()
             self.sink(records)
-            stats = self.mask_stats
-            stats.rows += len(rows)
-            stats.tokens += int(real.sum())
-            stats.masked += masked.masked
-            stats.replaced_mask += masked.replaced_mask
-            stats.replaced_random += masked.replaced_random
-            stats.kept += masked.kept
-            stats.unknown += int((rows.input_ids == self.unk_id).sum())
+            self.mask_stats.add(stats)
 
 
 def _concat_rows(blocks: list[Rows]) -> Rows:
@@ -323,9 +352,11 @@ def build_shards(config: ShardConfig) -> dict:
         vocab_name = writer.copy_vocab(vocab_file)
         shuffle = ExternalShuffle(writer.scratch_dir(), record_dtype, config.seed, rows_per_shard)
         val_writer = writer.split_writer("val", rows_per_shard)
+        in_flight = 2 * workers
         builders = {
-            "train": SplitBuilder("train", config, tables, special, record_dtype, shuffle.append, config.dupe_factor),
-            "val": SplitBuilder("val", config, tables, special, record_dtype, val_writer.append, 1),
+            "train": SplitBuilder("train", config, special, record_dtype, shuffle.append, config.dupe_factor,
+                                  encoder.submit, in_flight),
+            "val": SplitBuilder("val", config, special, record_dtype, val_writer.append, 1, encoder.submit, in_flight),
         }
         documents = {"train": 0, "val": 0}
         sources = [(config.inputs, None)] + ([(config.val_inputs, "val")] if config.val_inputs else [])

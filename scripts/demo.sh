@@ -14,5 +14,5 @@ bin=.venv/bin
 "$bin/berttrain" run --shards data/pydoc_128 --size tiny --batch-size 16 --steps 600 --eval-every 300 \
   --run-dir runs/demo --force
 "$bin/berttrain" eval --run runs/demo --samples 1
-"$bin/berttrain" predict --run runs/demo -k 3 "return the [MASK] of the list ." "if the file does not [MASK] , an error is raised ."
 "$bin/berttrain" export --run runs/demo --hf runs/demo/hf --force
+"$bin/berttrain" predict --run runs/demo -k 3 "return the [MASK] of the list ." "if the file does not [MASK] , an error is raised ."
