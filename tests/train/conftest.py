@@ -23,6 +23,14 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _tiny_models_on_one_thread():
+    """Every test here: tiny matmuls gain nothing from threads, and when other processes share the cores, OpenMP
+    workers waiting at barriers slow these tests twentyfold."""
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def pretrained_run(tmp_path_factory, wiki_shards) -> Path:
     """A run of `berttrain run` on wiki_shards: metrics with evaluations, checkpoints at steps 60 and 120."""

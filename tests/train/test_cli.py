@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from train.cli import main
@@ -13,12 +12,6 @@ TINY = ["--size", "tiny", "--layers", "1", "--hidden", "64", "--dropout", "0", "
         "--precision", "fp32", "--batch-size", "16", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_command_has_help_with_an_example():

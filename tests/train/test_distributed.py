@@ -19,12 +19,6 @@ def _records(run_dir):
     return [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_two_processes_of_8_rows_match_one_process_of_16_and_resume_under_torchrun(wiki_shards, tmp_path):

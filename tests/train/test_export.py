@@ -28,12 +28,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _hf_mask_probs(model, tokenizer, text):
@@ -303,13 +297,12 @@ def test_init_from_a_hugging_face_directory_continues_pretraining(hf_export, wik
     step 0 would give the same tensors back."""
     from train.config import TrainConfig
     from train.loop import run
-    from tests.train.conftest import PRETRAIN, one_thread
+    from tests.train.conftest import PRETRAIN
 
     options = {**PRETRAIN, "steps": 2, "eval_every": 0, "save_every": 0, "lr": 1e-9, "dropout": 0.0}
-    with one_thread():
-        run(TrainConfig(shards=str(wiki_shards), run_dir=str(tmp_path / "hf"), init_from=str(hf_export),
-                        **options), progress=False)
-        run(TrainConfig(shards=str(wiki_shards), run_dir=str(tmp_path / "fresh"), **options), progress=False)
+    run(TrainConfig(shards=str(wiki_shards), run_dir=str(tmp_path / "hf"), init_from=str(hf_export), **options),
+        progress=False)
+    run(TrainConfig(shards=str(wiki_shards), run_dir=str(tmp_path / "fresh"), **options), progress=False)
     first = [json.loads(line) for line in (tmp_path / "hf" / "metrics.jsonl").read_text().splitlines()][0]
     fresh = [json.loads(line) for line in (tmp_path / "fresh" / "metrics.jsonl").read_text().splitlines()][0]
     assert first["loss"] < fresh["loss"] - 0.5

@@ -19,12 +19,6 @@ from train.model import ModelConfig
 REPLACED_WORDS = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def wiki_sentences(path, min_words=6, max_words=16):

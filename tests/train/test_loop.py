@@ -24,13 +24,6 @@ CPU = torch.device("cpu")
 SMALL = dict(size="tiny", layers=1, hidden=64, dropout=0.0)  # quick where the size does not matter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core machine punishes two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(shards, run_dir, **options) -> TrainConfig:

@@ -17,16 +17,6 @@ from train.model import (  # noqa: E402
     to_hf_state_dict,
 )
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and when other processes share the cores, OpenMP workers waiting
-    at barriers slow these tests twentyfold; one thread keeps them at seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # 1000 is not a multiple of 64, so the padded-vocabulary path (1000 -> 1024 rows) is exercised.
 VOCAB = 1000
 

@@ -8,7 +8,6 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from prep.errors import BertError
@@ -17,12 +16,6 @@ from train.report import charts, nice_ticks, read_metrics, svg_chart, write_repo
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _svgs(page: str) -> dict[str, ET.Element]:
