@@ -23,7 +23,7 @@ from prep.corpus import Document, ReadStats, input_record, is_validation, read_d
 from prep.errors import BertError
 from prep.masking import MaskingConfig, VocabTables, derive_key, mask_rows
 from prep.packing import DocumentPool, NSP_MODES, PackStats, PairBuilder, Rows, StreamPacker
-from prep.shards import DatasetWriter, SplitWriter, ids_dtype, row_dtype
+from prep.shards import DatasetWriter, ids_dtype, row_dtype
 from prep.shuffle import ExternalShuffle
 from prep.vocab import load_tokenizer, resolve_vocab_file
 

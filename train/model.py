@@ -7,7 +7,6 @@ head runs only at the masked positions: with 15% masking that skips ~85% of the 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 

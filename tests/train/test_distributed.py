@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from train.config import TrainConfig
 from train.loop import METRICS_FILE, run

@@ -308,7 +308,7 @@ def test_init_from_a_hugging_face_directory_continues_pretraining(hf_export, wik
     assert first["loss"] < fresh["loss"] - 0.5
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert str(hf_export) in json.dumps(config)
-    again = export_hf(tmp_path / "hf", tmp_path / "again")
+    export_hf(tmp_path / "hf", tmp_path / "again")
     original, exported = load_file(hf_export / SAFETENSORS_FILE), load_file(tmp_path / "again" / SAFETENSORS_FILE)
     assert original.keys() == exported.keys()
     assert max((original[k] - exported[k]).abs().max().item() for k in original) < 1e-6
