@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from prep.errors import BertError
-from prep.shards import read_manifest
+from prep.shards import file_sha256, read_manifest
 from prep.vocab import load_tokenizer, load_vocab_record, resolve_vocab_file
 from prep.wordpiece import SPECIAL_TOKENS, Vocab
 from train import checkpoint as ckpt
@@ -165,7 +164,7 @@ def _shards_lowercase(info: dict) -> bool:
 def _same_vocab(vocab_file: Path, sha256: str | None, what: str) -> Path:
     if not vocab_file.is_file():
         raise BertError(f"the vocabulary of {what} ({vocab_file}) is missing: pass --vocab")
-    actual = hashlib.sha256(vocab_file.read_bytes()).hexdigest()
+    actual = file_sha256(vocab_file)
     if sha256 is not None and actual != sha256:
         raise BertError(f"{vocab_file} (sha256 {actual[:12]}…) is not the vocabulary {what} was trained with "
                         f"(sha256 {sha256[:12]}…): token ids would mean other words; pass the right --vocab")
