@@ -139,13 +139,21 @@ class MaskStats:
 
 
 _worker_tokenizer = None
+_worker_tables = None
 
 
-def _init_worker(vocab_file: str, lowercase: bool | None, in_pool: bool = False) -> None:
-    global _worker_tokenizer
-    if in_pool:  # Ctrl-C is the main process's to handle; workers are terminated by it
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker_tokenizer = load_tokenizer(Path(vocab_file), lowercase)
+def _use_tokenizer(tokenizer) -> None:
+    """Sets what workers encode and mask with (forked workers inherit it; spawned ones load it in `_init_worker`)."""
+    global _worker_tokenizer, _worker_tables
+    vocab = tokenizer.vocab
+    _worker_tokenizer = tokenizer
+    _worker_tables = VocabTables(vocab.is_special, vocab.is_continuation, vocab.special.mask, vocab.special.pad)
+
+
+def _init_worker(vocab_file: str | None, lowercase: bool | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it terminates workers
+    if vocab_file is not None:
+        _use_tokenizer(load_tokenizer(Path(vocab_file), lowercase))
 
 
 def _encode_batch(docs: list[Document], split: str | None, seed: int, val_fraction: float,
@@ -166,8 +174,7 @@ def _mask_block(rows: Rows, keys: np.ndarray, masking: MaskingConfig, record_dty
     """Masks one block of rows into row records, with what it counted. Runs in a worker: a pure function of its
     arguments and the vocabulary, so where it runs never changes the bytes."""
     vocab = _worker_tokenizer.vocab
-    tables = VocabTables(vocab.is_special, vocab.is_continuation, vocab.special.mask, vocab.special.pad)
-    masked = mask_rows(rows.input_ids, keys, masking, tables)
+    masked = mask_rows(rows.input_ids, keys, masking, _worker_tables)
     records = np.empty(len(rows), dtype=record_dtype)
     records["input_ids"] = masked.input_ids
     records["mlm_positions"] = masked.mlm_positions
@@ -196,20 +203,22 @@ def _batches(docs: Iterable[Document]) -> Iterator[list[Document]]:
 class _Encoder:
     """Runs `_encode_batch` in worker processes (or here, for one worker), in order, with a bounded queue."""
 
-    def __init__(self, workers: int, vocab_file: Path, lowercase: bool | None):
+    def __init__(self, workers: int, tokenizer):
         self.workers = workers
-        self.init_args = (str(vocab_file), lowercase)
+        self.tokenizer = tokenizer
         self.pool = None
 
     def __enter__(self):
+        _use_tokenizer(self.tokenizer)
         if self.workers > 1:
-            # fork starts workers in milliseconds; no thread runs yet at this point, which makes it safe.
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self.pool = context.Pool(self.workers, initializer=_init_worker,
-                                     initargs=(*self.init_args, True))
-        else:
-            _init_worker(*self.init_args)
+            # fork starts workers in milliseconds, sharing the loaded tokenizer; no thread runs yet, which makes it
+            # safe. Where there is no fork, each worker loads the vocabulary itself.
+            if "fork" in multiprocessing.get_all_start_methods():
+                context, init_args = multiprocessing.get_context("fork"), (None, None)
+            else:
+                vocab = self.tokenizer.vocab
+                context, init_args = multiprocessing.get_context("spawn"), (str(vocab.path), vocab.lowercase)
+            self.pool = context.Pool(self.workers, initializer=_init_worker, initargs=init_args)
         return self
 
     def __exit__(self, *exc):
@@ -334,8 +343,7 @@ def build_shards(config: ShardConfig) -> dict:
     tokenizer = load_tokenizer(vocab_file, config.lowercase)
     vocab = tokenizer.vocab
     special = vocab.special
-    tables = VocabTables(vocab.is_special, vocab.is_continuation, special.mask, special.pad)
-    if not len(tables.ordinary_ids):
+    if vocab.is_special.all():  # nothing a masked position could be replaced with
         raise BertError(f"vocabulary {vocab_file} has no ordinary tokens")
     record_dtype = row_dtype(config.max_len, config.masking.max_predictions, len(vocab), config.nsp)
     rows_per_shard = config.rows_per_shard or max(1, SHARD_BYTES // record_dtype.itemsize)
@@ -347,7 +355,7 @@ def build_shards(config: ShardConfig) -> dict:
 
     read_stats = ReadStats()
     with DatasetWriter(config.out_dir, force=config.force) as writer, \
-            _Encoder(workers, vocab_file, tokenizer.vocab.lowercase) as encoder, \
+            _Encoder(workers, tokenizer) as encoder, \
             _Progress(total_bytes, read_stats, config.progress) as progress:
         vocab_name = writer.copy_vocab(vocab_file)
         shuffle = ExternalShuffle(writer.scratch_dir(), record_dtype, config.seed, rows_per_shard)
