@@ -42,7 +42,8 @@ RUNS_DIR = "runs"
 IGNORE_INDEX = -100
 OVERFIT_LOSS = 0.05  # --overfit-batch succeeds when the loss of the batch falls below this
 COLLAPSE_TOP_SHARE = 0.5  # "collapsed": one token predicted at more than half of the masks ...
-COLLAPSE_LOSS_SHARE = 0.99  # ... while the loss is that of a unigram model ...
+COLLAPSE_LOSS_SHARE = 0.99  # ... while the loss is that of a unigram model (or, at the [MASK] slots, ...
+COLLAPSE_ACC_SHARE = 1.1  # ... the accuracy at most this share of always guessing the most frequent token) ...
 COLLAPSE_EVALS = 2  # ... at this many evaluations in a row (every healthy run passes through it once)
 UNIGRAM_ROWS = 65_536  # training rows whose targets estimate token frequencies
 SAMPLE_ROWS = 2
@@ -722,7 +723,8 @@ def _evaluate_during_fit(trainer: Trainer, metrics: _Metrics) -> dict:
         trainer.unigram = unigram_log_probs(trainer.dataset.split("train"), trainer.model.config.vocab_size,
                                             trainer.model.config.pad_id)
     result = evaluate(trainer.model, trainer.val_split, rt, config.batch_size, config.eval_rows,
-                      unigram=trainer.unigram, samples=SAMPLE_ROWS if rt.is_main else 0, tokens=trainer.vocab.tokens)
+                      unigram=trainer.unigram, samples=SAMPLE_ROWS if rt.is_main else 0, tokens=trainer.vocab.tokens,
+                      mask_id=trainer.vocab.special.mask)
     trainer.last_eval_step = trainer.step
     record = {"step": trainer.step, "split": "val", **{k: result[k] for k in EVAL_KEYS if k in result}}
     metrics.write(record)
@@ -731,11 +733,7 @@ def _evaluate_during_fit(trainer: Trainer, metrics: _Metrics) -> dict:
         _say(rt, sample)
     trainer.collapsed_evals = trainer.collapsed_evals + 1 if collapsed(result) else 0
     if trainer.step > trainer.plan.warmup and trainer.collapsed_evals >= COLLAPSE_EVALS:
-        top = trainer.vocab.tokens[result["top_prediction"]]
-        _say(rt, f"warning: the model predicts the same token ({top!r}) at {result['top_prediction_share']:.0%} "
-                 f"of the masks and its loss {result['mlm_loss']:.3f} is that of token frequencies alone "
-                 f"({result['unigram_loss']:.3f}): it has collapsed to predicting frequent tokens. If this "
-                 f"persists, lower --lr (now {trainer.plan.peak_lr:g}).")
+        _say(rt, collapse_warning(result, trainer.vocab.tokens, trainer.plan.peak_lr))
     if trainer.best_mlm_loss is None or result["mlm_loss"] < trainer.best_mlm_loss:
         trainer.best_mlm_loss = result["mlm_loss"]
         if config.save_every:
@@ -747,13 +745,33 @@ def _evaluate_during_fit(trainer: Trainer, metrics: _Metrics) -> dict:
 
 
 
-EVAL_KEYS = ("mlm_loss", "mlm_acc", "ppl", "nsp_acc", "rows", "masked", "baseline_acc", "unigram_loss")
+EVAL_KEYS = ("mlm_loss", "mlm_acc", "ppl", "nsp_acc", "rows", "masked", "baseline_acc", "unigram_loss", "mask_acc",
+             "mask_baseline_acc")
 
 
 def collapsed(result: dict) -> bool:
-    """True when predictions sit on one token while the loss is no better than knowing token frequencies."""
+    """True when predictions sit on one token and beat no frequency baseline: judged at the [MASK] slots when
+    `evaluate` counted them (copying the unchanged slots lowers the loss of a model that ignores the context),
+    else by the loss over every masked slot."""
+    if "mask_acc" in result:
+        return (result["mask_top_prediction_share"] > COLLAPSE_TOP_SHARE
+                and result["mask_acc"] <= COLLAPSE_ACC_SHARE * result["mask_baseline_acc"])
     return (result["top_prediction_share"] > COLLAPSE_TOP_SHARE
             and result["mlm_loss"] > COLLAPSE_LOSS_SHARE * result["unigram_loss"])
+
+
+def collapse_warning(result: dict, tokens: list[str], peak_lr: float) -> str:
+    """The warning for a run whose evaluations keep finding `collapsed` predictions."""
+    if "mask_acc" in result:
+        return (f"warning: at the [MASK] slots the model predicts {tokens[result['mask_top_prediction']]!r} "
+                f"{result['mask_top_prediction_share']:.0%} of the time and is right no more often than always "
+                f"guessing the most frequent token ({result['mask_acc']:.1%} against "
+                f"{result['mask_baseline_acc']:.1%}): it does not use the context yet. Every run starts so; if it "
+                f"persists, train on more text or for longer, or lower --lr (now {peak_lr:g}).")
+    return (f"warning: the model predicts the same token ({tokens[result['top_prediction']]!r}) at "
+            f"{result['top_prediction_share']:.0%} of the masks and its loss {result['mlm_loss']:.3f} is that of "
+            f"token frequencies alone ({result['unigram_loss']:.3f}): it has collapsed to predicting frequent "
+            f"tokens. If this persists, lower --lr (now {peak_lr:g}).")
 
 
 def unigram_log_probs(split: Split, vocab_size: int, pad_id: int, max_rows: int = UNIGRAM_ROWS) -> torch.Tensor:
@@ -770,7 +788,7 @@ def unigram_log_probs(split: Split, vocab_size: int, pad_id: int, max_rows: int 
 @torch.no_grad()
 def evaluate(model: BertForPretraining, split: Split, runtime: Runtime, batch_rows: int = 64,
              max_rows: int | None = None, unigram: torch.Tensor | None = None, samples: int = 0,
-             tokens: list[str] | None = None) -> dict:
+             tokens: list[str] | None = None, mask_id: int | None = None) -> dict:
     """Masked-LM loss (nats per masked token), perplexity and accuracy on the first `max_rows` rows of `split`,
     shared among the processes; printed `samples` rows for reading.
 
@@ -778,6 +796,10 @@ def evaluate(model: BertForPretraining, split: Split, runtime: Runtime, batch_ro
     of a model that learned nothing but token frequencies: `baseline_acc`, the accuracy of always predicting the
     most frequent token, and `unigram_loss`, the loss of predicting the frequencies. Without it both come from
     this split's own targets. `top_prediction_share` says how often the model's most common guess is made.
+
+    With `mask_id`, the same three figures for the slots whose input shows [MASK] (`mask_acc`, `mask_baseline_acc`,
+    `mask_top_prediction_share`): there only the context can tell the token, whereas at the slots left unchanged
+    copying the input is right, which lifts `mlm_acc` long before a model uses any context.
     """
     was_training = model.training
     model.eval()
@@ -785,6 +807,8 @@ def evaluate(model: BertForPretraining, split: Split, runtime: Runtime, batch_ro
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, correct, masked, nsp correct, rows
     predicted = torch.zeros(vocab_size, dtype=torch.float64, device=device)
     targets = torch.zeros(vocab_size, dtype=torch.float64, device=device)
+    # The same counts at the slots showing [MASK]: correct, slots, then predictions and targets by token.
+    at_mask = torch.zeros(2 + 2 * vocab_size, dtype=torch.float64, device=device)
     texts: list[str] = []
     for batch in eval_batches(split, eval_slices(split.rows, batch_rows, runtime.world_size, runtime.rank,
                                                  max_rows), device):
@@ -803,9 +827,15 @@ def evaluate(model: BertForPretraining, split: Split, runtime: Runtime, batch_ro
             totals[3] += (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).sum()
         predicted += torch.bincount(guess, minlength=vocab_size).double()
         targets += torch.bincount(labels, minlength=vocab_size).double()
+        if mask_id is not None:
+            shown = torch.gather(batch["input_ids"], 1, batch["mlm_positions"].long())[used] == mask_id
+            at_mask[0] += (guess[shown] == labels[shown]).sum()
+            at_mask[1] += shown.sum()
+            at_mask[2:2 + vocab_size] += torch.bincount(guess[shown], minlength=vocab_size).double()
+            at_mask[2 + vocab_size:] += torch.bincount(labels[shown], minlength=vocab_size).double()
         if len(texts) < samples and tokens is not None:
             texts += _samples(batch, logits, used, tokens, samples - len(texts), pad_id)
-    for tensor in (totals, predicted, targets):
+    for tensor in (totals, predicted, targets, at_mask):
         _all_reduce(tensor, runtime)
     model.train(was_training)
     loss, correct, masked, nsp_correct, rows = totals.tolist()
@@ -826,6 +856,12 @@ def evaluate(model: BertForPretraining, split: Split, runtime: Runtime, batch_ro
         "top_prediction": int(predicted.argmax().item()),
         "top_prediction_share": predicted.max().item() / masked_n,
     }
+    if mask_id is not None:
+        shown_n = max(at_mask[1].item(), 1.0)
+        result["mask_acc"] = at_mask[0].item() / shown_n
+        result["mask_baseline_acc"] = at_mask[2 + vocab_size + int(unigram.argmax())].item() / shown_n
+        result["mask_top_prediction"] = int(at_mask[2:2 + vocab_size].argmax().item())
+        result["mask_top_prediction_share"] = at_mask[2:2 + vocab_size].max().item() / shown_n
     if model.config.nsp:
         result["nsp_acc"] = nsp_correct / max(rows, 1.0)
     if texts:
@@ -857,6 +893,8 @@ def _samples(batch: dict, logits: torch.Tensor, used: torch.Tensor, tokens: list
 def format_eval(result: dict, prefix: str = "") -> str:
     text = (f"{prefix + ': ' if prefix else ''}mlm_loss {result['mlm_loss']:.4f}  ppl {result['ppl']:.2f}  "
             f"mlm_acc {result['mlm_acc']:.4f} (most-frequent-token baseline {result['baseline_acc']:.4f})")
+    if "mask_acc" in result:
+        text += f"  at [MASK] {result['mask_acc']:.4f} (baseline {result['mask_baseline_acc']:.4f})"
     if "nsp_acc" in result:
         text += f"  nsp_acc {result['nsp_acc']:.4f}"
     return text + f"  [{result['rows']:,} rows, {result['masked']:,} masked tokens]"
@@ -912,6 +950,7 @@ def eval_run(run_dir: Path, shards: Path | None = None, split: str = "val", chec
     tokens = Vocab.load(dataset.vocab_file).tokens if samples else None
     train = dataset.splits.get("train")
     unigram = unigram_log_probs(train, model_config.vocab_size, model_config.pad_id) if train is not None else None
-    result = evaluate(model, target, runtime, batch_size, max_rows, unigram=unigram, samples=samples, tokens=tokens)
+    result = evaluate(model, target, runtime, batch_size, max_rows, unigram=unigram, samples=samples, tokens=tokens,
+                      mask_id=int(dataset.vocab["special"]["mask"]))
     return {"checkpoint": str(checkpoint), "step": info["step"], "split": split, "shards": str(dataset.path),
             **result}
