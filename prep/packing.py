@@ -85,10 +85,14 @@ class StreamPacker:
         self._piece_docs.append(doc_index)
         self._pending += len(tokens)
 
+    @property
+    def pending_rows(self) -> int:
+        """Full rows the stream holds so far."""
+        return self._pending // (self.max_len - 2)
+
     def take(self) -> Rows | None:
         """The full rows the stream holds so far (None if not one yet)."""
-        content = self.max_len - 2
-        n = self._pending // content
+        n = self.pending_rows
         return self._cut(n) if n else None
 
     def finish(self) -> Rows | None:

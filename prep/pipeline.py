@@ -288,6 +288,8 @@ class SplitBuilder:
             self.pool.add(doc.index, sentences)
         else:
             self.packers[0].add(doc.index, doc.tokens)
+            if self.packers[0].pending_rows < BLOCK_ROWS:
+                return  # cutting the stream once per block, not per document, keeps numpy's per-call cost low
         self._collect(packer.take() for packer in self.packers)
 
     def finish(self) -> None:
