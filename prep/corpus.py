@@ -29,6 +29,7 @@ from prep.errors import BertError
 FORMATS = ("text", "wikitext", "jsonl")
 
 _CHUNK_BYTES = 1 << 18
+_BLOCK_BYTES = 1 << 18  # text per block handed to a worker
 _DETECT_BYTES = 1 << 16
 # A JSON-escaped character takes at most 6 characters (\uXXXX), so a record line this long can still hold a
 # document of max_doc_chars; a longer record is refused rather than read whole.
@@ -55,6 +56,10 @@ class ReadStats:
     def as_dict(self) -> dict:
         """The counts as a plain dict of ints, ready for JSON or msgpack."""
         return asdict(self)
+
+    def add(self, other: "ReadStats") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass(frozen=True)
@@ -102,20 +107,29 @@ def read_documents(
     _check_limits(max_line_chars, max_doc_chars)
     paths = _checked_inputs(paths)
     index = 0
+    for lines in _group_documents(_line_events(paths, stats, max_line_chars, _JSON_ESCAPE_FACTOR * max_doc_chars),
+                                  stats, max_doc_chars):
+        yield Document(index, lines)
+        index += 1
+    if index == 0:
+        raise empty_input_error(paths)
+
+
+def _group_documents(events: Iterable[str | None], stats: ReadStats, max_doc_chars: int) -> Iterator[tuple[str, ...]]:
+    """Lines between None markers as documents of at most max_doc_chars characters (a longer one is cut between
+    lines into consecutive documents and counted); no empty document."""
     lines: list[str] = []
     doc_chars = 0
     doc_was_cut = False
-    for line in _line_events(paths, stats, max_line_chars, _JSON_ESCAPE_FACTOR * max_doc_chars):
+    for line in events:
         if line is None:
             if lines:
-                yield Document(index, tuple(lines))
-                index += 1
+                yield tuple(lines)
                 lines, doc_chars = [], 0
             doc_was_cut = False
             continue
         if lines and doc_chars + len(line) > max_doc_chars:
-            yield Document(index, tuple(lines))
-            index += 1
+            yield tuple(lines)
             lines, doc_chars = [], 0
             if not doc_was_cut:
                 stats.long_documents_split += 1
@@ -123,10 +137,99 @@ def read_documents(
         lines.append(line)
         doc_chars += len(line)
     if lines:
-        yield Document(index, tuple(lines))
-        index += 1
-    if index == 0:
-        raise _empty_input_error(paths)
+        yield tuple(lines)
+
+
+@dataclass(frozen=True)
+class TextBlock:
+    """Raw bytes of one input holding whole documents: cut where a document starts, so that blocks can be parsed
+    apart (in worker processes) and give the documents `read_documents` gives."""
+
+    path: str
+    format: str
+    data: bytes
+    first_line: int  # 1-based number of the block's first line in its file
+    at_start: bool  # the block opens its file, so a UTF-8 byte-order mark may lead
+
+
+def read_blocks(paths: Sequence[Path], stats: ReadStats, *, block_bytes: int = _BLOCK_BYTES,
+                max_doc_chars: int = _DEFAULT_MAX_DOC_CHARS) -> Iterator[TextBlock]:
+    """The inputs as blocks of about `block_bytes` (decompressed), each ending where a document starts: before a
+    WikiText title, after a blank line, after a JSON Lines record. Counts files and bytes in `stats`; nothing is
+    decoded here. A document with no start in `4 × max_doc_chars` bytes (its most characters' worth of UTF-8) is
+    cut at a line end, or at a space, and counted as a long document split; a JSON Lines record that long is an
+    error. Raises BertError like read_documents, except for an input that holds no document (see
+    `empty_input_error`)."""
+    max_block_bytes = max(block_bytes, 4 * max_doc_chars)
+    for path in _checked_inputs(paths):
+        fmt = detect_format(path)
+        stats.files += 1
+        first_line, at_start, pending = 1, True, bytearray()
+        with _open_binary(path) as f:
+            while True:
+                raw = _read_raw(f, path, block_bytes)
+                stats.bytes += len(raw)
+                pending += raw
+                if raw and len(pending) < block_bytes:
+                    continue
+                cut = _last_document_start(pending, fmt) if raw else len(pending)
+                if raw and not cut:
+                    if len(pending) < max_block_bytes:
+                        continue
+                    if fmt == "jsonl":
+                        raise BertError(f"{path}:{first_line}: record is longer than {max_block_bytes} bytes; "
+                                        "split the document into several records")
+                    cut = (pending.rfind(b"\n") + 1) or (pending.rfind(b" ") + 1) or len(pending)
+                    stats.long_documents_split += 1
+                if cut:
+                    data = bytes(pending[:cut])
+                    del pending[:cut]
+                    yield TextBlock(str(path), fmt, data, first_line, at_start)
+                    first_line += data.count(b"\n")
+                    at_start = False
+                if not raw:
+                    break
+
+
+def block_documents(block: TextBlock, stats: ReadStats, *, max_line_chars: int = _DEFAULT_MAX_LINE_CHARS,
+                    max_doc_chars: int = _DEFAULT_MAX_DOC_CHARS) -> list[tuple[str, ...]]:
+    """The documents (their lines) of one block, read by the rules of `read_documents`; counts what it reads in
+    `stats` (lines, invalid UTF-8, long lines and documents split)."""
+    _check_limits(max_line_chars, max_doc_chars)
+    text = block.data.decode("utf-8-sig" if block.at_start else "utf-8", errors="replace")
+    if "\ufffd" in text:
+        stats.invalid_utf8 += text.count("\ufffd") - block.data.count(b"\xef\xbf\xbd")
+    events = _format_events(block.format, [text], stats, max_line_chars, _JSON_ESCAPE_FACTOR * max_doc_chars,
+                            Path(block.path), block.first_line)
+    return list(_group_documents(events, stats, max_doc_chars))
+
+
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
+_TITLE_CANDIDATE = re.compile(rb"\n[ \t]*= [^\n]* =[ \t\r]*(?=\n)")  # a whole line: a cut-off one may lose its end
+_BOUNDARY_WINDOWS = (1 << 16, 1 << 20)  # search the end of a block first: a boundary is nearly always there
+
+
+def _last_document_start(data: bytearray, fmt: str) -> int:
+    """The offset of the last document start in `data` after its first byte, or 0 if none is found. Only ASCII
+    blank lines and titles count, which can miss a boundary (the block then grows) but never invents one."""
+    if fmt == "jsonl":
+        return data.rfind(b"\n") + 1
+    for window in (*_BOUNDARY_WINDOWS, len(data)):
+        start = max(0, len(data) - window)
+        if fmt == "text":
+            found = [m.end() for m in _BLANK_LINE.finditer(data, start)]
+        else:
+            found = [m.start() + 1 for m in _TITLE_CANDIDATE.finditer(data, start) if _is_title(bytes(m.group())[1:])]
+        if found:
+            return found[-1]
+        if start == 0:
+            return 0
+    return 0
+
+
+def _is_title(line: bytes) -> bool:
+    heading = _HEADING.fullmatch(line.decode("utf-8", errors="replace").strip())
+    return heading is not None and heading.group(1) == "="
 
 
 def iter_lines(
@@ -146,7 +249,7 @@ def iter_lines(
             found = True
             yield line
     if not found:
-        raise _empty_input_error(paths)
+        raise empty_input_error(paths)
 
 
 def sample_lines(lines: Iterable[str], max_lines: int) -> list[str]:
@@ -274,7 +377,7 @@ def _checked_inputs(paths: Sequence[Path]) -> list[Path]:
     return paths
 
 
-def _empty_input_error(paths: Sequence[Path]) -> BertError:
+def empty_input_error(paths: Sequence[Path]) -> BertError:
     names = ", ".join(str(p) for p in paths) or "(no paths given)"
     return BertError(f"the input is empty: no non-blank text in {names}; check that the files hold text")
 
@@ -355,12 +458,7 @@ def _decoded_chunks(path: Path, stats: ReadStats, chunk_bytes: int = _CHUNK_BYTE
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
     with _open_binary(path) as f:
         while True:
-            try:
-                raw = f.read(chunk_bytes)
-            except zstandard.ZstdError as e:
-                raise BertError(
-                    f"{path}: corrupt zstandard data ({e}); recompress the file or drop the .zst suffix"
-                ) from None
+            raw = _read_raw(f, path, chunk_bytes)
             # Bytes the decoder still holds from the last chunk: a literal U+FFFD may straddle the chunk boundary.
             pending = decoder.getstate()[0]
             text = decoder.decode(raw, final=not raw)
@@ -372,6 +470,13 @@ def _decoded_chunks(path: Path, stats: ReadStats, chunk_bytes: int = _CHUNK_BYTE
                 yield text
             if not raw:
                 return
+
+
+def _read_raw(f: BinaryIO, path: Path, n_bytes: int) -> bytes:
+    try:
+        return f.read(n_bytes)
+    except zstandard.ZstdError as e:
+        raise BertError(f"{path}: corrupt zstandard data ({e}); recompress the file or drop the .zst suffix") from None
 
 
 def _cut(text: str, max_chars: int) -> tuple[list[str], str]:
@@ -393,7 +498,8 @@ def _cut(text: str, max_chars: int) -> tuple[list[str], str]:
     return pieces, text[start:]
 
 
-def _file_lines(chunks: Iterable[str], max_chars: int, stats: ReadStats) -> Iterator[tuple[int, str, bool]]:
+def _file_lines(chunks: Iterable[str], max_chars: int, stats: ReadStats,
+                first_line: int = 1) -> Iterator[tuple[int, str, bool]]:
     """Split decoded text into stripped lines: yield (1-based line number, text, complete).
 
     A line longer than ``max_chars`` comes out as several pieces with the same line number, each at most
@@ -401,7 +507,7 @@ def _file_lines(chunks: Iterable[str], max_chars: int, stats: ReadStats) -> Iter
     empty (blank lines). Never holds more than one chunk plus ``max_chars`` characters of a line.
     """
     carry = ""  # the start of a line whose newline has not been read yet
-    line_no = 1
+    line_no = first_line
     line_was_cut = False
     for text in chunks:
         parts = text.split("\n")
@@ -438,18 +544,26 @@ def _line_events(
     paths: Sequence[Path], stats: ReadStats, max_line_chars: int, max_record_chars: int
 ) -> Iterator[str | None]:
     """The non-empty lines of all inputs in order, with None marking a document boundary (at least one per file)."""
-    readers = {"text": _text_events, "wikitext": _wikitext_events, "jsonl": _jsonl_events}
     for path in paths:
         stats.files += 1
-        for line in readers[detect_format(path)](path, stats, max_line_chars, max_record_chars):
-            if line is not None:
-                stats.lines += 1
-            yield line
+        yield from _format_events(detect_format(path), _decoded_chunks(path, stats), stats, max_line_chars,
+                                  max_record_chars, path)
         yield None
 
 
-def _text_events(path: Path, stats: ReadStats, max_line_chars: int, max_record_chars: int) -> Iterator[str | None]:
-    for _, line, _ in _file_lines(_decoded_chunks(path, stats), max_line_chars, stats):
+def _format_events(fmt: str, chunks: Iterable[str], stats: ReadStats, max_line_chars: int, max_record_chars: int,
+                   path: Path, first_line: int = 1) -> Iterator[str | None]:
+    """One input's decoded text as lines and document boundaries (None), read by its format's rules."""
+    readers = {"text": _text_events, "wikitext": _wikitext_events, "jsonl": _jsonl_events}
+    for line in readers[fmt](chunks, stats, max_line_chars, max_record_chars, path, first_line):
+        if line is not None:
+            stats.lines += 1
+        yield line
+
+
+def _text_events(chunks: Iterable[str], stats: ReadStats, max_line_chars: int, max_record_chars: int, path: Path,
+                 first_line: int) -> Iterator[str | None]:
+    for _, line, _ in _file_lines(chunks, max_line_chars, stats, first_line):
         yield line or None
 
 
@@ -468,10 +582,9 @@ def _untokenize_wikitext(line: str) -> str:
     return line
 
 
-def _wikitext_events(
-    path: Path, stats: ReadStats, max_line_chars: int, max_record_chars: int
-) -> Iterator[str | None]:
-    for _, line, _ in _file_lines(_decoded_chunks(path, stats), max_line_chars, stats):
+def _wikitext_events(chunks: Iterable[str], stats: ReadStats, max_line_chars: int, max_record_chars: int, path: Path,
+                     first_line: int) -> Iterator[str | None]:
+    for _, line, _ in _file_lines(chunks, max_line_chars, stats, first_line):
         if not line:
             continue  # blank lines separate paragraphs, not articles
         heading = _HEADING.fullmatch(line) if line[0] == "=" else None
@@ -483,8 +596,9 @@ def _wikitext_events(
         yield heading.group(2)
 
 
-def _jsonl_events(path: Path, stats: ReadStats, max_line_chars: int, max_record_chars: int) -> Iterator[str | None]:
-    for line_no, record_line, complete in _file_lines(_decoded_chunks(path, stats), max_record_chars, stats):
+def _jsonl_events(chunks: Iterable[str], stats: ReadStats, max_line_chars: int, max_record_chars: int, path: Path,
+                  first_line: int) -> Iterator[str | None]:
+    for line_no, record_line, complete in _file_lines(chunks, max_record_chars, stats, first_line):
         if not complete:
             raise BertError(
                 f"{path}:{line_no}: record is longer than {max_record_chars} characters; "

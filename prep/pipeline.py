@@ -1,9 +1,10 @@
 """`bertprep shard`: documents -> tokens (parallel workers) -> rows -> masks -> shuffled shards and a manifest.
 
-Workers only tokenize; everything that decides bytes (splits, packing, masking, shuffling) happens in this process
-in document order, with every random choice keyed by (seed, split, copy, document), so the output is the same for
-any number of workers. Memory is bounded: a few batches of documents in flight, one block of rows being masked,
-one shuffle bucket at a time.
+This process only cuts the input into blocks of whole documents (raw bytes); workers decode, read and tokenize the
+blocks, and mask blocks of rows. Results are consumed in input order, and every decision that sets bytes (document
+numbers, splits, packing, masking, shuffling) follows that order, with every random choice keyed by (seed, split,
+copy, document), so the output is the same for any number of workers. Memory is bounded: a few blocks of input in
+flight, one block of rows being masked, one shuffle bucket at a time.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from prep.corpus import Document, ReadStats, input_record, is_validation, read_documents, split_sentences
+from prep.corpus import (Document, ReadStats, TextBlock, block_documents, empty_input_error, input_record,
+                         is_validation, read_blocks, split_sentences)
 from prep.errors import BertError
 from prep.masking import MaskingConfig, VocabTables, derive_key, mask_rows
 from prep.packing import DocumentPool, NSP_MODES, PackStats, PairBuilder, Rows, StreamPacker
@@ -28,7 +30,6 @@ from prep.shuffle import ExternalShuffle
 from prep.vocab import load_tokenizer, resolve_vocab_file
 
 SHARD_BYTES = 64 << 20  # target size of one shard (all its arrays together)
-BATCH_CHARS = 1 << 18  # text per task sent to a worker
 BLOCK_ROWS = 4096  # rows masked together
 WORKER_MIN_BYTES = 2 << 20  # input per default worker
 MAX_LEN_RANGE = (8, 4096)
@@ -156,18 +157,21 @@ def _init_worker(vocab_file: str | None, lowercase: bool | None) -> None:
         _use_tokenizer(load_tokenizer(Path(vocab_file), lowercase))
 
 
-def _encode_batch(docs: list[Document], split: str | None, seed: int, val_fraction: float,
-                  sentences: bool) -> list[EncodedDocument]:
-    """Tokenizes a batch of documents, by sentence when pairs need them, else by line (rows of the stream layout
-    ignore sentence ends); decides each document's split unless `split` is given."""
+def _encode_block(block: TextBlock, split: str | None, seed: int, val_fraction: float,
+                  sentences: bool) -> tuple[list[EncodedDocument], ReadStats]:
+    """Reads the documents of one block of input and tokenizes them, by sentence when pairs need them, else by line
+    (rows of the stream layout ignore sentence ends); decides each document's split unless `split` is given. Their
+    indices are left for the main process to number in input order; returns what reading counted too."""
+    stats = ReadStats()
     encoded = []
-    for doc in docs:
-        texts = [s for line in doc.lines for s in split_sentences(line)] if sentences else doc.lines
+    for lines in block_documents(block, stats):
+        texts = [s for line in lines for s in split_sentences(line)] if sentences else lines
         tokens, lengths = _worker_tokenizer.encode_many(texts)
         keep = lengths > 0
-        doc_split = split or ("val" if val_fraction and is_validation(doc, seed, val_fraction) else "train")
-        encoded.append(EncodedDocument(doc.index, doc_split, tokens.astype(np.int32, copy=False), lengths[keep]))
-    return encoded
+        doc_split = split or ("val" if val_fraction and is_validation(Document(-1, lines), seed, val_fraction)
+                              else "train")
+        encoded.append(EncodedDocument(-1, doc_split, tokens.astype(np.int32, copy=False), lengths[keep]))
+    return encoded, stats
 
 
 def _mask_block(rows: Rows, keys: np.ndarray, masking: MaskingConfig, record_dtype: np.dtype) -> tuple[np.ndarray, MaskStats]:
@@ -186,18 +190,6 @@ def _mask_block(rows: Rows, keys: np.ndarray, masking: MaskingConfig, record_dty
                       replaced_mask=masked.replaced_mask, replaced_random=masked.replaced_random, kept=masked.kept,
                       unknown=int((rows.input_ids == vocab.special.unk).sum()))
     return records, stats
-
-
-def _batches(docs: Iterable[Document]) -> Iterator[list[Document]]:
-    batch, chars = [], 0
-    for doc in docs:
-        batch.append(doc)
-        chars += sum(len(line) for line in doc.lines)
-        if chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
 
 
 class _Encoder:
@@ -232,18 +224,19 @@ class _Encoder:
             return _Done(fn(*args))
         return self.pool.apply_async(fn, args)
 
-    def encode(self, batches: Iterable[list[Document]], *args) -> Iterator[EncodedDocument]:
+    def encode(self, blocks: Iterable[TextBlock], *args) -> Iterator[tuple[list[EncodedDocument], ReadStats]]:
+        """`_encode_block` of each block, in order."""
         if self.pool is None:
-            for batch in batches:
-                yield from _encode_batch(batch, *args)
+            for block in blocks:
+                yield _encode_block(block, *args)
             return
         pending = deque()
-        for batch in batches:
-            pending.append(self.pool.apply_async(_encode_batch, (batch, *args)))
+        for block in blocks:
+            pending.append(self.pool.apply_async(_encode_block, (block, *args)))
             if len(pending) >= 2 * self.workers:  # bounded: the reader never runs far ahead of the workers
-                yield from pending.popleft().get()
+                yield pending.popleft().get()
         while pending:
-            yield from pending.popleft().get()
+            yield pending.popleft().get()
 
 
 class _Done:
@@ -369,14 +362,21 @@ def build_shards(config: ShardConfig) -> dict:
             "val": SplitBuilder("val", config, special, record_dtype, val_writer.append, 1, encoder.submit, in_flight),
         }
         documents = {"train": 0, "val": 0}
+        index = 0  # documents are numbered in input order, over all inputs
         sources = [(config.inputs, None)] + ([(config.val_inputs, "val")] if config.val_inputs else [])
         for paths, forced_split in sources:
-            docs = read_documents([Path(p) for p in paths], read_stats)
-            for doc in encoder.encode(_batches(docs), forced_split or ("train" if config.val_inputs else None),
-                                      config.seed, config.val_fraction, config.nsp):
-                builders[doc.split].add(doc)
-                documents[doc.split] += 1
-                progress.update(len(doc.tokens))
+            first_index = index
+            blocks = read_blocks([Path(p) for p in paths], read_stats)
+            for encoded, block_stats in encoder.encode(blocks, forced_split or ("train" if config.val_inputs else None),
+                                                       config.seed, config.val_fraction, config.nsp):
+                read_stats.add(block_stats)
+                for doc in encoded:
+                    doc.index, index = index, index + 1
+                    builders[doc.split].add(doc)
+                    documents[doc.split] += 1
+                    progress.update(len(doc.tokens))
+            if index == first_index:
+                raise empty_input_error([Path(p) for p in paths])
         for builder in builders.values():
             builder.finish()
         progress.close()

@@ -495,3 +495,52 @@ def test_wikitext_markers_become_bert_tokens(tmp_path):
     path.write_text(" = T = \n \n a <unk> well @-@ known 1 @,@ 000 @.@ 5 km\n", encoding="utf-8")
     docs = list(read_documents([path], ReadStats()))
     assert docs[0].lines == ("T", "a [UNK] well-known 1,000.5 km")
+
+
+def _read_in_blocks(paths, block_bytes, **limits):
+    stats = ReadStats()
+    docs = [doc for block in corpus.read_blocks(paths, stats, block_bytes=block_bytes)
+            for doc in corpus.block_documents(block, stats, **limits)]
+    return docs, stats
+
+
+@pytest.mark.parametrize("block_bytes", [64, 4096, 1 << 18])
+def test_blocks_read_apart_give_the_documents_of_the_sequential_reader(tmp_path, wiki_valid, block_bytes):
+    """`bertprep shard` has its workers read the input in blocks cut where documents start (WikiText titles, blank
+    lines, record ends). Read apart, at any block size, the blocks give exactly the documents and counts of the
+    one-pass reader: on real WikiText-2 (where a title cut off at the end of a block must not count as one), on
+    text with CR line ends, whitespace-only lines, a BOM and invalid UTF-8, compressed or not, and on JSON Lines."""
+    wiki = wiki_valid.read_text(encoding="utf-8")
+    paragraphs = [line.strip() for line in wiki.split("\n") if line.strip() and not line.startswith(" =")]
+    text = "\ufeff" + "".join(f"{p}\r\n{'  ' if i % 3 else ''}\r\n" if i % 4 else f"{p}\n" for i, p in enumerate(paragraphs))
+    inputs = [
+        wiki_valid,
+        write(tmp_path / "plain.txt", text.encode("utf-8") + b"\xff broken \xc3 bytes\n\nend"),
+        write(tmp_path / "plain.txt.zst", text),
+        write(tmp_path / "records.jsonl", "".join(json.dumps({"text": p}) + "\n" for p in paragraphs[:300])),
+    ]
+    invalid = []
+    for path in inputs:
+        sequential = ReadStats()
+        expected = [doc.lines for doc in read_documents([path], sequential)]
+        docs, stats = _read_in_blocks([path], block_bytes)
+        assert docs == expected and len(docs) > 50, path
+        assert stats == sequential, path
+        invalid.append(stats.invalid_utf8)
+    assert invalid == [0, 2, 0, 0]
+
+
+def test_block_reading_keeps_the_limits_and_line_numbers(tmp_path):
+    """Within blocks the long-line and long-document rules hold as in one pass, and a bad JSON Lines record in a
+    later block is reported with its line number in the file."""
+    path = write(tmp_path / "long.txt", "w " * 40 + "\nshort\n\n" + "\n".join(["x" * 90] * 5))
+    limits = dict(max_line_chars=30, max_doc_chars=250)
+    expected_stats = ReadStats()
+    expected = [doc.lines for doc in read_documents([path], expected_stats, **limits)]
+    docs, stats = _read_in_blocks([path], 16, **limits)
+    assert docs == expected and stats == expected_stats
+    assert stats.long_lines_split == 6 and stats.long_documents_split == 1
+
+    records = write(tmp_path / "bad.jsonl", '{"text": "fine"}\n' * 500 + "{oops\n")
+    with pytest.raises(BertError, match=r"bad.jsonl:501: not valid JSON"):
+        _read_in_blocks([records], 1024)
