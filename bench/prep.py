@@ -404,9 +404,12 @@ def render(info: dict, corpus: dict, vocab_size: int, workers: int, results: dic
         f"machine the CPU ratio is the ceiling of the wall ratio: a job that spends {1 / cpu_vs_raw:.1f} CPU-seconds "
         f"per CPU-second of encoding cannot finish in the encoding's wall time on the same cores. A wall ratio above "
         f"it means the neighbours slowed the raw rows more than ours.",
-        f"- Where the CPU goes: the main process (reading, packing, shuffling, writing, feeding the pool) "
-        f"used {ours.main_cpu_s:.1f} of the job's {ours.cpu_s:.1f} CPU-seconds (sampled), the {workers} workers "
-        f"(encoding and masking, each with its own cold tokenizer cache) the rest. Reading and sentence splitting, "
+        f"- Where the CPU goes: the main process (start-up, cutting the input into blocks of whole documents, "
+        f"packing, shuffling, writing, feeding the pool) used {ours.main_cpu_s:.1f} of the job's {ours.cpu_s:.1f} "
+        f"CPU-seconds (sampled), the {workers} workers (decoding and reading the blocks, encoding and masking, each "
+        f"with its own cold tokenizer cache) the rest. The main process is the serial part: at its "
+        f"{rate(tokens, ours.main_cpu_s)} tokens per CPU-second it would cap the job on a machine with many more "
+        f"cores. Reading and sentence splitting, "
         f"which the raw rows leave out (the job splits sentences only with --nsp), took "
         f"{raw1['read_split_cpu_s']:.1f} CPU-s in one process against {raw1['encode_cpu_s']:.1f} CPU-s of encoding.",
         f"- **End to end vs Hugging Face: {theirs.wall_s / ours.wall_s:.1f}× faster by wall time** (target ≥ 4×), "
