@@ -115,12 +115,14 @@ def read_documents(
         raise empty_input_error(paths)
 
 
-def _group_documents(events: Iterable[str | None], stats: ReadStats, max_doc_chars: int) -> Iterator[tuple[str, ...]]:
+def _group_documents(events: Iterable[str | None], stats: ReadStats, max_doc_chars: int,
+                     continued: bool = False) -> Iterator[tuple[str, ...]]:
     """Lines between None markers as documents of at most max_doc_chars characters (a longer one is cut between
-    lines into consecutive documents and counted); no empty document."""
+    lines into consecutive documents and counted once; `continued`: the first was counted already); no empty
+    document."""
     lines: list[str] = []
     doc_chars = 0
-    doc_was_cut = False
+    doc_was_cut = continued
     for line in events:
         if line is None:
             if lines:
@@ -150,21 +152,23 @@ class TextBlock:
     data: bytes
     first_line: int  # 1-based number of the block's first line in its file
     at_start: bool  # the block opens its file, so a UTF-8 byte-order mark may lead
+    continues: bool = False  # the block goes on with a document too long for the last one, already counted as cut
 
 
 def read_blocks(paths: Sequence[Path], stats: ReadStats, *, block_bytes: int = _BLOCK_BYTES,
                 max_doc_chars: int = _DEFAULT_MAX_DOC_CHARS) -> Iterator[TextBlock]:
     """The inputs as blocks of about `block_bytes` (decompressed), each ending where a document starts: before a
     WikiText title, after a blank line, after a JSON Lines record. Counts files and bytes in `stats`; nothing is
-    decoded here. A document with no start in `4 × max_doc_chars` bytes (its most characters' worth of UTF-8) is
-    cut at a line end, or at a space, and counted as a long document split; a JSON Lines record that long is an
-    error. Raises BertError like read_documents, except for an input that holds no document (see
+    decoded here. A document with no start in `4 × max_doc_chars` bytes (so at least max_doc_chars characters,
+    which `block_documents` cuts and counts) is cut at a line end, or at a space, and the next block goes on with it;
+    a JSON Lines record that long is an error. Raises BertError like read_documents, except for an input that holds no document (see
     `empty_input_error`)."""
     max_block_bytes = max(block_bytes, 4 * max_doc_chars)
     for path in _checked_inputs(paths):
         fmt = detect_format(path)
         stats.files += 1
-        first_line, at_start, pending = 1, True, bytearray()
+        first_line, at_start, continues, pending = 1, True, False, bytearray()
+        searched = 0  # pending[:searched] holds no document start (but for one cut off at its end)
         with _open_binary(path) as f:
             while True:
                 raw = _read_raw(f, path, block_bytes)
@@ -172,21 +176,25 @@ def read_blocks(paths: Sequence[Path], stats: ReadStats, *, block_bytes: int = _
                 pending += raw
                 if raw and len(pending) < block_bytes:
                     continue
-                cut = _last_document_start(pending, fmt) if raw else len(pending)
+                cut = _last_document_start(pending, fmt, searched) if raw else len(pending)
                 if raw and not cut:
+                    searched = len(pending)
                     if len(pending) < max_block_bytes:
                         continue
                     if fmt == "jsonl":
                         raise BertError(f"{path}:{first_line}: record is longer than {max_block_bytes} bytes; "
                                         "split the document into several records")
                     cut = (pending.rfind(b"\n") + 1) or (pending.rfind(b" ") + 1) or len(pending)
-                    stats.long_documents_split += 1
+                    forced = True
+                else:
+                    forced = False
                 if cut:
                     data = bytes(pending[:cut])
                     del pending[:cut]
-                    yield TextBlock(str(path), fmt, data, first_line, at_start)
+                    searched = 0
+                    yield TextBlock(str(path), fmt, data, first_line, at_start, continues)
                     first_line += data.count(b"\n")
-                    at_start = False
+                    at_start, continues = False, forced
                 if not raw:
                     break
 
@@ -201,30 +209,26 @@ def block_documents(block: TextBlock, stats: ReadStats, *, max_line_chars: int =
         stats.invalid_utf8 += text.count("\ufffd") - block.data.count(b"\xef\xbf\xbd")
     events = _format_events(block.format, [text], stats, max_line_chars, _JSON_ESCAPE_FACTOR * max_doc_chars,
                             Path(block.path), block.first_line)
-    return list(_group_documents(events, stats, max_doc_chars))
+    return list(_group_documents(events, stats, max_doc_chars, continued=block.continues))
 
 
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
 _TITLE_CANDIDATE = re.compile(rb"\n[ \t]*= [^\n]* =[ \t\r]*(?=\n)")  # a whole line: a cut-off one may lose its end
-_BOUNDARY_WINDOWS = (1 << 16, 1 << 20)  # search the end of a block first: a boundary is nearly always there
 
 
-def _last_document_start(data: bytearray, fmt: str) -> int:
-    """The offset of the last document start in `data` after its first byte, or 0 if none is found. Only ASCII
-    blank lines and titles count, which can miss a boundary (the block then grows) but never invents one."""
+def _last_document_start(data: bytearray, fmt: str, searched: int = 0) -> int:
+    """The offset of the last document start in `data` after its first byte, or 0 if none is found; `data` up to
+    `searched` is known to hold none, so only the line it ends in and what follows are searched (a block that grows
+    is not searched again from its start). Only ASCII blank lines and titles count, which can miss a boundary (the
+    block then grows) but never invents one."""
     if fmt == "jsonl":
-        return data.rfind(b"\n") + 1
-    for window in (*_BOUNDARY_WINDOWS, len(data)):
-        start = max(0, len(data) - window)
-        if fmt == "text":
-            found = [m.end() for m in _BLANK_LINE.finditer(data, start)]
-        else:
-            found = [m.start() + 1 for m in _TITLE_CANDIDATE.finditer(data, start) if _is_title(bytes(m.group())[1:])]
-        if found:
-            return found[-1]
-        if start == 0:
-            return 0
-    return 0
+        return data.rfind(b"\n", searched) + 1
+    start = max(0, data.rfind(b"\n", 0, searched))  # both patterns begin at a newline
+    if fmt == "text":
+        found = [m.end() for m in _BLANK_LINE.finditer(data, start)]
+    else:
+        found = [m.start() + 1 for m in _TITLE_CANDIDATE.finditer(data, start) if _is_title(bytes(m.group())[1:])]
+    return found[-1] if found else 0
 
 
 def _is_title(line: bytes) -> bool:

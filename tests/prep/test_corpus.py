@@ -544,3 +544,20 @@ def test_block_reading_keeps_the_limits_and_line_numbers(tmp_path):
     records = write(tmp_path / "bad.jsonl", '{"text": "fine"}\n' * 500 + "{oops\n")
     with pytest.raises(BertError, match=r"bad.jsonl:501: not valid JSON"):
         _read_in_blocks([records], 1024)
+
+
+def test_a_document_without_end_is_cut_into_bounded_blocks(tmp_path):
+    """Text with no blank line is one document however large: blocks stop growing at 4 × max_doc_chars bytes (cut
+    at a line end), every line arrives once and in order, no document exceeds the limit, and the document counts
+    once as cut."""
+    lines = [f"line {i} " + "word " * (i % 7) for i in range(400)]
+    path = write(tmp_path / "one_document.txt", "\n".join(lines) + "\n")
+    stats = ReadStats()
+    blocks = list(corpus.read_blocks([path], stats, block_bytes=64, max_doc_chars=200))
+    assert len(blocks) > 5 and all(len(b.data) <= 800 + 64 for b in blocks)
+    assert [b.continues for b in blocks] == [False] + [True] * (len(blocks) - 1)
+    docs = [doc for block in blocks
+            for doc in corpus.block_documents(block, stats, max_line_chars=100, max_doc_chars=200)]
+    assert [line for doc in docs for line in doc] == [line.strip() for line in lines]
+    assert max(sum(map(len, doc)) for doc in docs) <= 200
+    assert stats.long_documents_split == 1
