@@ -229,7 +229,7 @@ def measure_shard(corpus: Path, vocab_dir: Path, scratch: Path, workers: int, na
 
 
 def raw_child(corpus: str, vocab: str, processes: int, docs_per_copy: int) -> dict:
-    """Encoding alone: `processes` processes each take every processes-th document, split it into sentences as the
+    """Encoding alone: `processes` processes each take every processes-th document, join its lines as the
     shard workers do, wait for the others, then time `encode_many` per document."""
     if processes == 1:
         return _raw_encode(corpus, vocab, 0, 1, docs_per_copy, None)
@@ -245,9 +245,9 @@ def raw_child(corpus: str, vocab: str, processes: int, docs_per_copy: int) -> di
     for job in jobs:
         job.join()
     total = {key: sum(p[key] for p in parts)
-             for key in ("tokens", "encode_cpu_s", "read_split_cpu_s", "sentences", "documents")}
+             for key in ("tokens", "encode_cpu_s", "read_cpu_s", "documents")}
     # The processes start encoding together, so the slowest one's time is the group's.
-    slowest = {key: max(p[key] for p in parts) for key in ("encode_s", "read_split_s")}
+    slowest = {key: max(p[key] for p in parts) for key in ("encode_s", "read_s")}
     return {**total, **slowest}
 
 
@@ -256,30 +256,30 @@ def _raw_worker(corpus, vocab, rank, processes, docs_per_copy, barrier, results)
 
 
 def _raw_encode(corpus: str, vocab: str, rank: int, processes: int, docs_per_copy: int, barrier) -> dict:
-    from prep.corpus import ReadStats, read_documents, split_sentences
+    from prep.corpus import ReadStats, read_documents
     from prep.vocab import load_tokenizer
 
     tokenizer = load_tokenizer(Path(vocab))
     started, started_cpu = time.perf_counter(), time.process_time()
-    documents = [(doc.index, [s for line in doc.lines for s in split_sentences(line)])
+    documents = [(doc.index, ["\n".join(doc.lines)])
                  for doc in read_documents([Path(corpus)], ReadStats()) if doc.index % processes == rank]
-    read_split_s, read_split_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
+    read_s, read_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
     if barrier is not None:
         barrier.wait()
     tokens = first_copy_tokens = 0
     first_copy_s = None
     started, started_cpu = time.perf_counter(), time.process_time()
-    for index, sentences in documents:
+    for index, texts in documents:
         if first_copy_s is None and index >= docs_per_copy:
             first_copy_s, first_copy_tokens = time.perf_counter() - started, tokens
-        ids, _ = tokenizer.encode_many(sentences)
+        ids, _ = tokenizer.encode_many(texts)
         tokens += len(ids)
     encode_s, encode_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
     if first_copy_s is None:
         first_copy_s, first_copy_tokens = encode_s, tokens
-    return {"tokens": tokens, "encode_s": encode_s, "encode_cpu_s": encode_cpu_s, "read_split_s": read_split_s,
-            "read_split_cpu_s": read_split_cpu_s, "first_copy_tokens": first_copy_tokens,
-            "first_copy_s": first_copy_s, "sentences": sum(len(s) for _, s in documents), "documents": len(documents)}
+    return {"tokens": tokens, "encode_s": encode_s, "encode_cpu_s": encode_cpu_s, "read_s": read_s,
+            "read_cpu_s": read_cpu_s, "first_copy_tokens": first_copy_tokens,
+            "first_copy_s": first_copy_s, "documents": len(documents)}
 
 
 def hf_child(corpus: str, one_copy: str, vocab_dir: str, vocab_size: int, workers: int, cache_dir: str) -> dict:
@@ -389,7 +389,7 @@ def render(info: dict, corpus: dict, vocab_size: int, workers: int, results: dic
         f"| `bertprep shard` end to end: read, tokenize, pack, mask, shuffle, write | main + {workers} | "
         f"{ours.wall_s:.1f} | {rate(tokens, ours.wall_s)} | {ours.cpu_s:.1f} | {rate(tokens, ours.cpu_s)} | "
         f"{mib(ours.max_rss_bytes)} | {mib(ours.peak_tree_pss_bytes)} |",
-        f"| our `encode_many` alone (sentences split beforehand), 1 process | 1 | {raw1['encode_s']:.1f} | "
+        f"| our `encode_many` alone (documents read beforehand, one text each), 1 process | 1 | {raw1['encode_s']:.1f} | "
         f"{rate(tokens, raw1['encode_s'])} | {raw1['encode_cpu_s']:.1f} | {rate(tokens, raw1['encode_cpu_s'])} | | |",
         f"| our `encode_many` alone, {workers} processes at once (measured) | {workers} | {rawn['encode_s']:.1f} | "
         f"{rate(tokens, rawn['encode_s'])} | {rawn['encode_cpu_s']:.1f} | {rate(tokens, rawn['encode_cpu_s'])} | | |",
@@ -412,9 +412,8 @@ def render(info: dict, corpus: dict, vocab_size: int, workers: int, results: dic
         f"CPU-seconds (sampled), the {workers} workers (decoding and reading the blocks, encoding and masking, each "
         f"with its own cold tokenizer cache) the rest. The main process is the serial part: at its "
         f"{rate(tokens, ours.main_cpu_s)} tokens per CPU-second it would cap the job on a machine with many more "
-        f"cores. Reading and sentence splitting, "
-        f"which the raw rows leave out (the job splits sentences only with --nsp), took "
-        f"{raw1['read_split_cpu_s']:.1f} CPU-s in one process against {raw1['encode_cpu_s']:.1f} CPU-s of encoding.",
+        f"cores. Reading, which the raw rows leave out, took "
+        f"{raw1['read_cpu_s']:.1f} CPU-s in one process against {raw1['encode_cpu_s']:.1f} CPU-s of encoding.",
         f"- **End to end vs Hugging Face: {theirs.wall_s / ours.wall_s:.1f}× faster by wall time** (target ≥ 4×), "
         f"{theirs.cpu_s / ours.cpu_s:.1f}× less CPU; {hf['work_s'] / ours.wall_s:.1f}× by wall time if HF's "
         f"{hf['import_s']:.1f} s of imports (torch, transformers, datasets) are left out. HF's time after imports: "

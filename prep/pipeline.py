@@ -159,13 +159,14 @@ def _init_worker(vocab_file: str | None, lowercase: bool | None) -> None:
 
 def _encode_block(block: TextBlock, split: str | None, seed: int, val_fraction: float,
                   sentences: bool) -> tuple[list[EncodedDocument], ReadStats]:
-    """Reads the documents of one block of input and tokenizes them, by sentence when pairs need them, else by line
-    (rows of the stream layout ignore sentence ends); decides each document's split unless `split` is given. Their
-    indices are left for the main process to number in input order; returns what reading counted too."""
+    """Reads the documents of one block of input and tokenizes them, by sentence when pairs need them, else each as
+    one text (rows of the stream layout ignore sentence ends, and whitespace separates words either way); decides
+    each document's split unless `split` is given. Their indices are left for the main process to number in input
+    order; returns what reading counted too."""
     stats = ReadStats()
     encoded = []
     for lines in block_documents(block, stats):
-        texts = [s for line in lines for s in split_sentences(line)] if sentences else lines
+        texts = [s for line in lines for s in split_sentences(line)] if sentences else ["\n".join(lines)]
         tokens, lengths = _worker_tokenizer.encode_many(texts)
         keep = lengths > 0
         doc_split = split or ("val" if val_fraction and is_validation(Document(-1, lines), seed, val_fraction)
