@@ -207,9 +207,56 @@ def block_documents(block: TextBlock, stats: ReadStats, *, max_line_chars: int =
     text = block.data.decode("utf-8-sig" if block.at_start else "utf-8", errors="replace")
     if "\ufffd" in text:
         stats.invalid_utf8 += text.count("\ufffd") - block.data.count(b"\xef\xbf\xbd")
+    if block.format != "jsonl" and not block.continues:
+        documents = _plain_block_documents(text, block.format == "wikitext", max_line_chars, max_doc_chars)
+        if documents is not None:
+            stats.lines += sum(map(len, documents))
+            return documents
     events = _format_events(block.format, [text], stats, max_line_chars, _JSON_ESCAPE_FACTOR * max_doc_chars,
                             Path(block.path), block.first_line)
     return list(_group_documents(events, stats, max_doc_chars, continued=block.continues))
+
+
+def _plain_block_documents(text: str, wikitext: bool, max_line_chars: int,
+                           max_doc_chars: int) -> list[tuple[str, ...]] | None:
+    """`block_documents` of a text or WikiText block in which no line or document reaches a limit, by a few calls
+    over the whole block rather than a chain of generators per line; None when a limit is reached (the general
+    reader then cuts and counts). tests/prep/test_corpus.py checks that both give the same."""
+    lines = text.split("\n")
+    if max(map(len, lines)) > max_line_chars:
+        return None
+    lines = list(map(str.strip, lines))
+    if wikitext:
+        lines = _wikitext_lines([line for line in lines if line])
+    documents, current, doc_chars = [], [], 0
+    for line in lines:
+        if not line:  # a blank line of text, or None before a WikiText title: a document ends
+            if current:
+                documents.append(tuple(current))
+                current, doc_chars = [], 0
+            continue
+        if current and doc_chars + len(line) > max_doc_chars:
+            return None
+        current.append(line)
+        doc_chars += len(line)
+    if current:
+        documents.append(tuple(current))
+    return documents
+
+
+def _wikitext_lines(lines: list[str]) -> list[str | None]:
+    """What `_wikitext_events` makes of stripped non-empty lines: None before each title, headings as their words,
+    other lines with WikiText's markers undone."""
+    events = []
+    for line in lines:
+        heading = _HEADING.fullmatch(line) if line[0] == "=" else None
+        if heading is None:
+            events.append(_untokenize_wikitext(line))
+            continue
+        if heading.group(1) == "=":
+            events.append(None)
+        events.append(heading.group(2))
+    return events
 
 
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
@@ -326,10 +373,15 @@ def is_validation(doc: Document, seed: int, val_fraction: float) -> bool:
     with ``val_fraction``), never by its index: the same text goes the same way in every dataset built from the
     corpus with the same seed, and duplicate documents never straddle the split.
     """
+    return is_validation_text("\n".join(doc.lines), seed, val_fraction)
+
+
+def is_validation_text(text: str, seed: int, val_fraction: float) -> bool:
+    """`is_validation` of the document whose lines joined by newlines are ``text``."""
     if not 0.0 <= val_fraction < 1.0:
         raise BertError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.01 to hold out 1%")
     digest = hashlib.blake2b(
-        "\n".join(doc.lines).encode("utf-8", "surrogatepass"),
+        text.encode("utf-8", "surrogatepass"),
         digest_size=8,
         key=str(int(seed)).encode("ascii"),
         person=b"bertprep-val",

@@ -28,7 +28,7 @@ _TAG_PAIRS = 0x7041
 class Rows:
     """A block of unmasked rows and where each comes from."""
 
-    input_ids: np.ndarray  # int32 [n, max_len], padded with the pad id
+    input_ids: np.ndarray  # [n, max_len] of the tokens' dtype, padded with the pad id
     doc_index: np.ndarray  # int64 [n]: the document the row starts in
     doc_row: np.ndarray  # int64 [n]: the row's number among the rows starting in that document
     token_type_ids: np.ndarray | None = None  # uint8 [n, max_len] (pairs only)
@@ -78,10 +78,10 @@ class StreamPacker:
         if len(tokens) == 0:
             self.stats.drop("empty")
             return
-        if self._joined:
-            tokens = np.concatenate([[self.sep_id], tokens])  # the [SEP] that joins it to the previous document
+        if self._joined:  # the [SEP] that joins it to the previous document
+            tokens = np.concatenate([np.array([self.sep_id], dtype=tokens.dtype), tokens])
         self._joined = True
-        self._pieces.append(tokens.astype(np.int32, copy=False))
+        self._pieces.append(tokens)
         self._piece_docs.append(doc_index)
         self._pending += len(tokens)
 
@@ -107,9 +107,9 @@ class StreamPacker:
         starts = np.cumsum([0] + [len(p) for p in self._pieces[:-1]])
         docs = np.asarray(self._piece_docs, dtype=np.int64)
         used = min(n * content, len(stream))
-        body = np.full(n * content, self.pad_id, dtype=np.int32)
+        body = np.full(n * content, self.pad_id, dtype=stream.dtype)
         body[:used] = stream[:used]
-        ids = np.empty((n, self.max_len), dtype=np.int32)
+        ids = np.empty((n, self.max_len), dtype=stream.dtype)
         ids[:, 0] = self.cls_id
         ids[:, 1:-1] = body.reshape(n, content)
         ids[:, -1] = self.sep_id

@@ -20,8 +20,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from prep.corpus import (Document, ReadStats, TextBlock, block_documents, empty_input_error, input_record,
-                         is_validation, read_blocks, split_sentences)
+from prep.corpus import (ReadStats, TextBlock, block_documents, empty_input_error, input_record,
+                         is_validation_text, read_blocks, split_sentences)
 from prep.errors import BertError
 from prep.masking import MaskingConfig, VocabTables, derive_key, mask_rows
 from prep.packing import DocumentPool, NSP_MODES, PackStats, PairBuilder, Rows, StreamPacker
@@ -115,7 +115,7 @@ class ShardConfig:
 class EncodedDocument:
     index: int
     split: str
-    tokens: np.ndarray  # int32: all sentences concatenated
+    tokens: np.ndarray  # the dataset's ids dtype (uint16 for most vocabularies): all sentences concatenated
     sentence_lengths: np.ndarray  # int64 [sentences]
 
     def sentences(self) -> list[np.ndarray]:
@@ -165,13 +165,14 @@ def _encode_block(block: TextBlock, split: str | None, seed: int, val_fraction: 
     order; returns what reading counted too."""
     stats = ReadStats()
     encoded = []
+    dtype = ids_dtype(len(_worker_tokenizer.vocab))  # half the bytes on their way back for most vocabularies
     for lines in block_documents(block, stats):
-        texts = [s for line in lines for s in split_sentences(line)] if sentences else ["\n".join(lines)]
+        text = "\n".join(lines)  # the document as the validation split hashes it
+        texts = [s for line in lines for s in split_sentences(line)] if sentences else [text]
         tokens, lengths = _worker_tokenizer.encode_many(texts)
         keep = lengths > 0
-        doc_split = split or ("val" if val_fraction and is_validation(Document(-1, lines), seed, val_fraction)
-                              else "train")
-        encoded.append(EncodedDocument(-1, doc_split, tokens.astype(np.int32, copy=False), lengths[keep]))
+        doc_split = split or ("val" if val_fraction and is_validation_text(text, seed, val_fraction) else "train")
+        encoded.append(EncodedDocument(-1, doc_split, tokens.astype(dtype), lengths[keep]))
     return encoded, stats
 
 
