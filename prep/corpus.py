@@ -261,6 +261,7 @@ def _wikitext_lines(lines: list[str]) -> list[str | None]:
 
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
 _TITLE_CANDIDATE = re.compile(rb"\n[ \t]*= [^\n]* =[ \t\r]*(?=\n)")  # a whole line: a cut-off one may lose its end
+_TITLE_SEARCH_TAIL = 1 << 16  # bytes at a block's end searched for a title first (WikiText-2 has one every ~20 KB)
 
 
 def _last_document_start(data: bytearray, fmt: str, searched: int = 0) -> int:
@@ -274,8 +275,14 @@ def _last_document_start(data: bytearray, fmt: str, searched: int = 0) -> int:
     if fmt == "text":
         found = [m.end() for m in _BLANK_LINE.finditer(data, start)]
     else:
-        found = [m.start() + 1 for m in _TITLE_CANDIDATE.finditer(data, start) if _is_title(bytes(m.group())[1:])]
+        # Title matches are whole lines and consume no newline, so a search from any offset finds the same matches
+        # after it: the block's tail, where the last title usually is, comes first.
+        found = _titles_after(data, max(start, len(data) - _TITLE_SEARCH_TAIL)) or _titles_after(data, start)
     return found[-1] if found else 0
+
+
+def _titles_after(data: bytearray, start: int) -> list[int]:
+    return [m.start() + 1 for m in _TITLE_CANDIDATE.finditer(data, start) if _is_title(bytes(m.group())[1:])]
 
 
 def _is_title(line: bytes) -> bool:
