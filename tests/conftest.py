@@ -58,3 +58,11 @@ def build_wiki_shards(out_dir: Path, vocab_dir: Path, inputs, val_inputs=(), **o
 def wiki_shards(tmp_path_factory, vocab_dir, wiki_valid, wiki_test) -> Path:
     """WikiText-2 shards, 64 tokens a row: train from wiki.test.tokens, val from wiki.valid.tokens (in order)."""
     return build_wiki_shards(tmp_path_factory.mktemp("shards") / "wiki_64", vocab_dir, [wiki_test], [wiki_valid])
+
+
+@pytest.fixture(scope="session")
+def wiki_shards_16(tmp_path_factory, vocab_dir, wiki_valid, wiki_test) -> Path:
+    """The same WikiText-2 text in rows of 16 tokens, where a tiny model learns to read context within a test's
+    budget (see tests/train/test_loop.py)."""
+    return build_wiki_shards(tmp_path_factory.mktemp("shards") / "wiki_16", vocab_dir, [wiki_test], [wiki_valid],
+                             max_len=16)

@@ -17,7 +17,7 @@ SCHEDULES = ("linear", "cosine")
 # Peak learning rates that train each size untuned at a few hundred rows per step; pre-LN takes about twice the
 # post-LN rate (Xiong et al., 2020). Larger models need smaller steps.
 DEFAULT_LR = {
-    "post": {"tiny": 2e-3, "mini": 7e-4, "small": 5e-4, "medium": 3e-4, "base": 1e-4, "large": 5e-5},
+    "post": {"tiny": 1e-3, "mini": 7e-4, "small": 5e-4, "medium": 3e-4, "base": 1e-4, "large": 5e-5},
     "pre": {"tiny": 2e-3, "mini": 1.4e-3, "small": 1e-3, "medium": 6e-4, "base": 2e-4, "large": 1e-4},
 }
 WARMUP_SHARE = 0.06  # of the planned steps, as RoBERTa; capped so that long runs are not mostly warm-up
