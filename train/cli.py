@@ -15,11 +15,18 @@ class _Group(ErrorHandlingGroup):
     interrupted_message = "interrupted: continue from the last checkpoint with --resume"
 
 
-def device_options(f):
-    f = click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
-                     show_default=True, help="bf16/fp16 autocast; auto = bf16 where the device has it, else fp32.")(f)
+def device_options(f, precision_default: str | None = "auto"):
+    precision_help = "bf16/fp16 autocast; auto = bf16 where the device has it, else fp32."
+    if precision_default is None:
+        precision_help += " [default: the run's, so that its own evaluations are reproduced]"
+    f = click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=precision_default,
+                     show_default=precision_default is not None, help=precision_help)(f)
     return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                         help="auto = CUDA when present.")(f)
+
+
+def run_device_options(f):
+    return device_options(f, precision_default=None)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -150,7 +157,7 @@ def run(ctx, quiet, **options):
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--rows", "max_rows", type=int, help="Score only the first N rows.")
 @click.option("--samples", type=int, default=0, show_default=True, help="Rows to print with predictions.")
-@device_options
+@run_device_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_command(run_dir, shards, split, checkpoint, batch_size, max_rows, samples, device, precision, as_json):
     """Masked-LM loss, perplexity and accuracy of a run's weights on a split.

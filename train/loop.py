@@ -353,10 +353,16 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     groups = _param_groups(model, config.weight_decay)
     kwargs = dict(lr=config.peak_lr, betas=(0.9, 0.98), eps=1e-6)
-    # The fused kernel is the fast one on CUDA only: on CPU (torch 2.13) it is ~10x slower than the foreach one.
-    if next(model.parameters()).is_cuda:
+    if _fused_adamw_is_fast(next(model.parameters()).device):
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def _fused_adamw_is_fast(device: torch.device) -> bool:
+    """The fused AdamW kernel wins on CUDA and on AVX-512 CPUs (3x the foreach one); on an AVX2-only CPU (torch
+    2.13) it is ~10x slower than foreach (docs/benchmarks.md)."""
+    return device.type == "cuda" or (device.type == "cpu"
+                                     and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
 
 
 def _rng_state() -> dict:
@@ -766,8 +772,10 @@ def collapse_warning(result: dict, tokens: list[str], peak_lr: float) -> str:
         return (f"warning: at the [MASK] slots the model predicts {tokens[result['mask_top_prediction']]!r} "
                 f"{result['mask_top_prediction_share']:.0%} of the time and is right no more often than always "
                 f"guessing the most frequent token ({result['mask_acc']:.1%} against "
-                f"{result['mask_baseline_acc']:.1%}): it does not use the context yet. Every run starts so; if it "
-                f"persists, train on more text or for longer, or lower --lr (now {peak_lr:g}).")
+                f"{result['mask_baseline_acc']:.1%}): it does not use the context yet. Every run starts so, and "
+                f"the longer its rows the longer it takes (shards of --max-len 16 show within minutes on a CPU "
+                f"whether a small model learns); if it persists, train on more text or for longer, or lower --lr "
+                f"(now {peak_lr:g}).")
     return (f"warning: the model predicts the same token ({tokens[result['top_prediction']]!r}) at "
             f"{result['top_prediction_share']:.0%} of the masks and its loss {result['mlm_loss']:.3f} is that of "
             f"token frequencies alone ({result['unigram_loss']:.3f}): it has collapsed to predicting frequent "
@@ -920,10 +928,10 @@ def run(config: TrainConfig, progress: bool = True, stop_at: int | None = None) 
 
 
 def eval_run(run_dir: Path, shards: Path | None = None, split: str = "val", checkpoint: Path | None = None,
-             batch_size: int = 64, max_rows: int | None = None, device: str = "auto", precision: str = "auto",
+             batch_size: int = 64, max_rows: int | None = None, device: str = "auto", precision: str | None = None,
              samples: int = 0) -> dict:
     """`berttrain eval`: loss, perplexity and accuracy of a run's latest (or the given) checkpoint on a split of
-    its shards (or of `shards`)."""
+    its shards (or of `shards`), at the run's precision unless `precision` says otherwise."""
     run_dir = Path(run_dir)
     if checkpoint is None:
         if not run_dir.is_dir():
@@ -943,6 +951,8 @@ def eval_run(run_dir: Path, shards: Path | None = None, split: str = "val", chec
     if target.rows == 0:
         raise BertError(f"split {split!r} of {dataset.path} has no rows")
     dev = resolve_device(device)
+    if precision is None:
+        precision = load_run_config(run_dir).precision if (run_dir / CONFIG_FILE).is_file() else "auto"
     runtime = Runtime(dev, precision=resolve_precision(precision, dev))
     model = BertForPretraining(model_config)
     model.load_state_dict(ckpt.load_weights(checkpoint))
