@@ -5,16 +5,23 @@ Both models take the same random batch, precision and AdamW settings; ours runs 
 positions only, HF's at every token with labels -100 outside them (as the transformers route trains). Data loading
 is not part of it: the batch is on the device before timing starts.
 
+With --shards, ours alone runs through `berttrain run` itself on real shards instead: the trainer's data path
+(zero-copy memmap slices, pinned and copied non-blocking on CUDA, prepared on a background thread), optimizer and
+loop, with its measured data wait.
+
     python bench/train.py --size small --batch-size 32 --steps 10
+    python bench/train.py --size base --batch-size 64 --steps 50 --shards data/wiki_128 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from train.loop import fused_adamw_is_fast  # noqa: E402
 from train.model import BertForPretraining, ModelConfig, count_parameters, flops_per_token, hf_config_dict  # noqa
 
 PAD_ID, FIRST_REAL_ID = 0, 5
@@ -40,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto",
                         help="bf16, fp32 or bf16,fp32; auto = bf16, plus fp32 where the device lacks fast bf16")
+    parser.add_argument("--shards", type=Path, help="time ours through `berttrain run` on these shards (no HF row)")
+    parser.add_argument("--compile", action="store_true", help="with --shards: train with --compile")
     return parser.parse_args()
 
 
@@ -113,8 +123,10 @@ def hf_step(model, inputs):
 
 
 def time_steps(model, step, inputs, device, precision, args) -> float:
-    """Seconds per forward + backward + AdamW step, averaged over args.steps after args.warmup."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    """Seconds per forward + backward + AdamW step, averaged over args.steps after args.warmup. Both models get the
+    AdamW kernel our trainer picks for the device (fused where it is the fast one)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
+                                  **({"fused": True} if fused_adamw_is_fast(device) else {"foreach": True}))
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             synchronize(device)
@@ -128,9 +140,63 @@ def time_steps(model, step, inputs, device, precision, args) -> float:
     return (time.perf_counter() - start) / args.steps
 
 
+def trainer_row(args, device: torch.device, precision: str) -> dict:
+    """Ours through `berttrain run` on args.shards: tokens/s and data wait of the steps after args.warmup, from
+    the run's own metrics.jsonl, and the model FLOPs per token of what it computed."""
+    from prep.shards import open_dataset
+    from train.config import TrainConfig
+    from train.loop import METRICS_FILE, run
+
+    dataset = open_dataset(args.shards)
+    predictions = int(dataset.manifest["options"]["max_predictions"])
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+        config = TrainConfig(shards=str(args.shards), run_dir=f"{scratch}/run", size=args.size,
+                             batch_size=args.batch_size, steps=args.warmup + args.steps, warmup=1,
+                             precision=precision, device=device.type, compile=args.compile, log_every=1,
+                             eval_every=0, save_every=0)
+        run(config, progress=False)
+        records = [json.loads(line) for line in (Path(scratch) / "run" / METRICS_FILE).read_text().splitlines()]
+        model_config = ModelConfig.from_dict(json.loads((Path(scratch) / "run" / "config.json").read_text())["model"])
+    timed = [r for r in records if "tokens_per_s" in r][args.warmup:]
+    seconds = sum(args.batch_size * dataset.max_len / r["tokens_per_s"] for r in timed)
+    return {"tokens_per_s": len(timed) * args.batch_size * dataset.max_len / seconds,
+            "data_wait_frac": sum(r["data_wait_frac"] / r["tokens_per_s"] for r in timed) * args.batch_size
+            * dataset.max_len / seconds,
+            "flops": flops_per_token(model_config, dataset.max_len, predictions),
+            "params": count_parameters(BertForPretraining(model_config)), "max_len": dataset.max_len,
+            "predictions": predictions, "vocab_size": model_config.vocab_size}
+
+
+def main_shards(args, device: torch.device) -> None:
+    precisions = args.precision.split(",") if args.precision != "auto" else ["bf16" if bf16_is_fast(device) else "fp32"]
+    print(f"device: {_device_name(device)}; torch {torch.__version__}")
+    print(f"ours through `berttrain run` on {args.shards}: --size {args.size}, batch {args.batch_size}, "
+          f"{args.steps} timed steps after {args.warmup}{', --compile' if args.compile else ''}\n")
+    print("| model | precision | params | tokens/row | ms/step | tokens/s | data wait | model GFLOP/s "
+          "| matmul peak GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for precision in precisions:
+        row = trainer_row(args, device, precision)
+        peak = matmul_peak_flops(device, precision)
+        achieved = row["tokens_per_s"] * row["flops"]
+        print(f"| ours, `berttrain run` | {precision} | {row['params'] / 1e6:.1f} M | {row['max_len']} | "
+              f"{args.batch_size * row['max_len'] / row['tokens_per_s'] * 1e3:.0f} | {row['tokens_per_s']:,.0f} | "
+              f"{row['data_wait_frac']:.2%} | {achieved / 1e9:,.1f} | {peak / 1e9:,.1f} | {achieved / peak:.0%} |")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"{torch.backends.cpu.get_cpu_capability()}")
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
+    if args.shards is not None:
+        main_shards(args, device)
+        return
     import transformers
 
     if args.precision == "auto":
@@ -143,10 +209,7 @@ def main() -> None:
     flops_ours = flops_per_token(config, args.seq_len, args.predictions)
     flops_hf = flops_per_token(config, args.seq_len)
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{torch.backends.cpu.get_cpu_capability()}")
-    print(f"device: {where}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"device: {_device_name(device)}; torch {torch.__version__}, transformers {transformers.__version__}")
     if device.type == "cpu":
         print(f"load average before the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
               "(other processes share the cores)")

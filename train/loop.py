@@ -353,12 +353,12 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     groups = _param_groups(model, config.weight_decay)
     kwargs = dict(lr=config.peak_lr, betas=(0.9, 0.98), eps=1e-6)
-    if _fused_adamw_is_fast(next(model.parameters()).device):
+    if fused_adamw_is_fast(next(model.parameters()).device):
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def _fused_adamw_is_fast(device: torch.device) -> bool:
+def fused_adamw_is_fast(device: torch.device) -> bool:
     """The fused AdamW kernel wins on CUDA and on AVX-512 CPUs (3x the foreach one); on an AVX2-only CPU (torch
     2.13) it is ~10x slower than foreach (docs/benchmarks.md)."""
     return device.type == "cuda" or (device.type == "cpu"
