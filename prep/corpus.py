@@ -22,8 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
-import zstandard
-
 from prep.errors import BertError
 
 FORMATS = ("text", "wikitext", "jsonl")
@@ -171,7 +169,7 @@ def read_blocks(paths: Sequence[Path], stats: ReadStats, *, block_bytes: int = _
         searched = 0  # pending[:searched] holds no document start (but for one cut off at its end)
         with _open_binary(path) as f:
             while True:
-                raw = _read_raw(f, path, block_bytes)
+                raw = f.read(block_bytes)
                 stats.bytes += len(raw)
                 pending += raw
                 if raw and len(pending) < block_bytes:
@@ -460,13 +458,29 @@ def _open_binary(path: Path) -> Iterator[BinaryIO]:
     """The file's content as a binary stream, decompressed when the name ends in .zst."""
     with _open_or_fail(path, "rb") as raw:
         if path.name.lower().endswith(".zst"):
+            import zstandard  # only .zst inputs need it (a GPU machine's image may lack it)
+
             _check_zstd_frames(raw, path)
             raw.seek(0)
             # read_across_frames: files written by pzstd or appended to hold several frames.
             with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False) as z:
-                yield z
+                yield _ZstdStream(z, path, zstandard.ZstdError)
         else:
             yield raw
+
+
+class _ZstdStream:
+    """A decompressing stream whose corrupt data raises BertError."""
+
+    def __init__(self, stream, path: Path, error: type):
+        self.stream, self.path, self.error = stream, path, error
+
+    def read(self, n_bytes: int) -> bytes:
+        try:
+            return self.stream.read(n_bytes)
+        except self.error as e:
+            raise BertError(f"{self.path}: corrupt zstandard data ({e}); recompress the file or drop the .zst "
+                            "suffix") from None
 
 
 def _check_zstd_frames(f: BinaryIO, path: Path) -> None:
@@ -521,7 +535,7 @@ def _decoded_chunks(path: Path, stats: ReadStats, chunk_bytes: int = _CHUNK_BYTE
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
     with _open_binary(path) as f:
         while True:
-            raw = _read_raw(f, path, chunk_bytes)
+            raw = f.read(chunk_bytes)
             # Bytes the decoder still holds from the last chunk: a literal U+FFFD may straddle the chunk boundary.
             pending = decoder.getstate()[0]
             text = decoder.decode(raw, final=not raw)
@@ -533,13 +547,6 @@ def _decoded_chunks(path: Path, stats: ReadStats, chunk_bytes: int = _CHUNK_BYTE
                 yield text
             if not raw:
                 return
-
-
-def _read_raw(f: BinaryIO, path: Path, n_bytes: int) -> bytes:
-    try:
-        return f.read(n_bytes)
-    except zstandard.ZstdError as e:
-        raise BertError(f"{path}: corrupt zstandard data ({e}); recompress the file or drop the .zst suffix") from None
 
 
 def _cut(text: str, max_chars: int) -> tuple[list[str], str]:
