@@ -243,18 +243,17 @@ def _plain_block_documents(text: str, wikitext: bool, max_line_chars: int,
 
 
 def _wikitext_lines(lines: list[str]) -> list[str | None]:
-    """What `_wikitext_events` makes of stripped non-empty lines: None before each title, headings as their words,
-    other lines with WikiText's markers undone."""
-    events = []
-    for line in lines:
-        heading = _HEADING.fullmatch(line) if line[0] == "=" else None
-        if heading is None:
-            events.append(_untokenize_wikitext(line))
-            continue
-        if heading.group(1) == "=":
-            events.append(None)
-        events.append(heading.group(2))
-    return events
+    """What `_wikitext_events` makes of stripped non-empty lines."""
+    return [event for line in lines for event in _wikitext_line(line)]
+
+
+def _wikitext_line(line: str) -> tuple[str | None, ...]:
+    """One stripped non-empty WikiText line as events: a title is None (a new document) and its words, a deeper
+    heading its words, any other line itself with WikiText's markers undone."""
+    heading = _HEADING.fullmatch(line) if line[0] == "=" else None
+    if heading is None:
+        return (_untokenize_wikitext(line),)
+    return (None, heading.group(2)) if heading.group(1) == "=" else (heading.group(2),)
 
 
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
@@ -655,15 +654,8 @@ def _untokenize_wikitext(line: str) -> str:
 def _wikitext_events(chunks: Iterable[str], stats: ReadStats, max_line_chars: int, max_record_chars: int, path: Path,
                      first_line: int) -> Iterator[str | None]:
     for _, line, _ in _file_lines(chunks, max_line_chars, stats, first_line):
-        if not line:
-            continue  # blank lines separate paragraphs, not articles
-        heading = _HEADING.fullmatch(line) if line[0] == "=" else None
-        if heading is None:
-            yield _untokenize_wikitext(line)
-            continue
-        if heading.group(1) == "=":
-            yield None
-        yield heading.group(2)
+        if line:  # blank lines separate paragraphs, not articles
+            yield from _wikitext_line(line)
 
 
 def _jsonl_events(chunks: Iterable[str], stats: ReadStats, max_line_chars: int, max_record_chars: int, path: Path,
