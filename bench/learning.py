@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -34,7 +35,8 @@ from train.config import TrainConfig  # noqa: E402
 from train.loop import run  # noqa: E402
 from train.model import BertForPretraining, ModelConfig  # noqa: E402
 
-WIKITEXT = Path("/work/shared/corpora/wikitext-2")
+# WikiText-2 where the tests find it: $BERT_SHARED_DIR, else the shared/ folder beside the checkout.
+WIKITEXT = Path(os.environ.get("BERT_SHARED_DIR", ROOT.parent / "shared")) / "corpora" / "wikitext-2"
 KINDS = ("[MASK]", "kept", "random")
 
 

@@ -34,8 +34,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CORPUS_FILES = (Path("/work/shared/corpora/wikitext-2/wiki.valid.tokens"),
-                Path("/work/shared/corpora/wikitext-2/wiki.test.tokens"))
+# WikiText-2 where the tests find it: $BERT_SHARED_DIR, else the shared/ folder beside the checkout.
+_WIKITEXT = Path(os.environ.get("BERT_SHARED_DIR", ROOT.parent / "shared")) / "corpora" / "wikitext-2"
+CORPUS_FILES = (_WIKITEXT / "wiki.valid.tokens", _WIKITEXT / "wiki.test.tokens")
 DOCS_FILE = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Prep"
 MAX_LEN = 128

@@ -145,7 +145,7 @@ def trainer_row(args, device: torch.device, precision: str) -> dict:
     the run's own metrics.jsonl, and the model FLOPs per token of what it computed."""
     from prep.shards import open_dataset
     from train.config import TrainConfig
-    from train.loop import METRICS_FILE, run
+    from train.loop import CONFIG_FILE, METRICS_FILE, run
 
     dataset = open_dataset(args.shards)
     predictions = int(dataset.manifest["options"]["max_predictions"])
@@ -155,16 +155,19 @@ def trainer_row(args, device: torch.device, precision: str) -> dict:
                              precision=precision, device=device.type, compile=args.compile, log_every=1,
                              eval_every=0, save_every=0)
         run(config, progress=False)
-        records = [json.loads(line) for line in (Path(scratch) / "run" / METRICS_FILE).read_text().splitlines()]
-        model_config = ModelConfig.from_dict(json.loads((Path(scratch) / "run" / "config.json").read_text())["model"])
-    timed = [r for r in records if "tokens_per_s" in r][args.warmup:]
-    seconds = sum(args.batch_size * dataset.max_len / r["tokens_per_s"] for r in timed)
-    return {"tokens_per_s": len(timed) * args.batch_size * dataset.max_len / seconds,
-            "data_wait_frac": sum(r["data_wait_frac"] / r["tokens_per_s"] for r in timed) * args.batch_size
-            * dataset.max_len / seconds,
-            "flops": flops_per_token(model_config, dataset.max_len, predictions),
-            "params": count_parameters(BertForPretraining(model_config)), "max_len": dataset.max_len,
-            "predictions": predictions, "vocab_size": model_config.vocab_size}
+        run_dir = Path(scratch) / "run"
+        records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+        model_config = ModelConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text())["model"])
+    tokens_per_step = args.batch_size * dataset.max_len
+    step_seconds = [tokens_per_step / r["tokens_per_s"] for r in records if "tokens_per_s" in r][args.warmup:]
+    waits = [r["data_wait_frac"] for r in records if "tokens_per_s" in r][args.warmup:]
+    seconds = sum(step_seconds)
+    with torch.device("meta"):  # only its parameter count is needed
+        params = count_parameters(BertForPretraining(model_config))
+    return {"tokens_per_s": len(step_seconds) * tokens_per_step / seconds,
+            "data_wait_frac": sum(w * t for w, t in zip(waits, step_seconds)) / seconds,
+            "flops": flops_per_token(model_config, dataset.max_len, predictions), "params": params,
+            "max_len": dataset.max_len}
 
 
 def main_shards(args, device: torch.device) -> None:

@@ -25,7 +25,8 @@ def device_options(f, precision_default: str | None = "auto"):
                         help="auto = CUDA when present.")(f)
 
 
-def run_device_options(f):
+def eval_device_options(f):
+    """--device and --precision for scoring a run: the precision defaults to the run's."""
     return device_options(f, precision_default=None)
 
 
@@ -157,7 +158,7 @@ def run(ctx, quiet, **options):
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--rows", "max_rows", type=int, help="Score only the first N rows.")
 @click.option("--samples", type=int, default=0, show_default=True, help="Rows to print with predictions.")
-@run_device_options
+@eval_device_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_command(run_dir, shards, split, checkpoint, batch_size, max_rows, samples, device, precision, as_json):
     """Masked-LM loss, perplexity and accuracy of a run's weights on a split.
