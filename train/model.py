@@ -2,6 +2,7 @@
 
 Plain PyTorch. Attention runs through `scaled_dot_product_attention`, so each device picks its fused kernel. The MLM
 head runs only at the masked positions: with 15% masking that skips ~85% of the largest matmul of a small model.
+Dropout on a CPU draws its keep masks from random bits (`Dropout`), as does the attention that needs them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SIZES = {
 }
 NORMS = ("post", "pre")
 INIT_STD = 0.02
+_KEEP_BITS = 15  # resolution of a CPU keep mask's probability: 1/32768
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,32 @@ class PretrainingOutput(NamedTuple):
     """[B, 2] when the config has the NSP head, else None."""
 
 
+def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A CPU dropout mask for `x`: bool, true (kept) with probability 1 - p, to 1/32768.
+
+    On a CPU, `bernoulli_` (what `F.dropout` and attention's dropout use) draws element by element and costs
+    5-10x more than filling int64s with random bits and reading them as 16-bit lanes, 15 bits of each used.
+    The bits come from torch's CPU generator, so the seed and a checkpoint's RNG state govern them as before.
+    """
+    count = x.numel()
+    lanes = torch.empty((count + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:count].view(x.shape)
+    return (lanes & ((1 << _KEEP_BITS) - 1)) >= round(p * (1 << _KEEP_BITS))
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout`, with the CPU's keep mask drawn by `_keep_mask`."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    return x * _keep_mask(x, p) * (1.0 / (1.0 - p))  # scaled after the mask: 1/(1-p) is not exact in bf16
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
 class Embeddings(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -133,7 +161,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(config.max_positions, config.hidden)
         self.token_type = nn.Embedding(config.type_vocab_size, config.hidden)
         self.norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -159,11 +187,21 @@ class SelfAttention(nn.Module):
         def split(t):
             return t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(
-            split(self.query(x)), split(self.key(x)), split(self.value(x)), attn_mask=attn_mask,
-            dropout_p=self.dropout_p if self.training else 0.0,
-        )
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p and x.device.type == "cpu":
+            out = _cpu_attention_with_dropout(q, k, v, attn_mask, dropout_p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         return self.output(out.transpose(1, 2).reshape(batch, length, hidden))
+
+
+def _cpu_attention_with_dropout(q, k, v, attn_mask: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """What `scaled_dot_product_attention` computes on a CPU when it must drop out (its fused CPU kernel cannot, so
+    it takes this same unfused path), with the dropout mask drawn by `_keep_mask`."""
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    probs = scores.masked_fill(~attn_mask, float("-inf")).softmax(-1)
+    return dropout(probs, dropout_p, True).to(v.dtype) @ v
 
 
 class Layer(nn.Module):
@@ -175,7 +213,7 @@ class Layer(nn.Module):
         self.ffn_in = nn.Linear(config.hidden, config.ffn)
         self.ffn_out = nn.Linear(config.ffn, config.hidden)
         self.ffn_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_out(F.gelu(self.ffn_in(x)))

@@ -10,7 +10,9 @@ from prep.errors import BertError  # noqa: E402
 from train.model import (  # noqa: E402
     BertForPretraining,
     ModelConfig,
+    _cpu_attention_with_dropout,
     count_parameters,
+    dropout,
     flops_per_token,
     from_hf_state_dict,
     hf_config_dict,
@@ -195,3 +197,37 @@ def test_named_sizes_and_config_round_trip():
         small_config(heads=5)
     with pytest.raises(BertError, match="--norm"):
         small_config(norm="sandwich")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_keeps_1_minus_p_scaled_and_follows_the_seed(dtype):
+    p = 0.1
+    x = torch.full((256, 4096), 2.0, dtype=dtype, requires_grad=True)
+    torch.manual_seed(7)
+    out = dropout(x, p, training=True)
+    kept = out != 0
+    assert out.dtype == dtype
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.002  # 1M draws: the standard error is 0.0003
+    assert torch.equal(out[kept], (x.detach() / (1 - p))[kept])  # kept values scaled exactly as F.dropout does
+    out.sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # the gradient flows through the kept elements only
+    torch.manual_seed(7)
+    assert torch.equal(dropout(x, p, training=True), out)
+    assert not torch.equal(dropout(x, p, training=True), out)
+    assert dropout(x, p, training=False) is x and dropout(x, 0.0, training=True) is x
+
+
+def test_cpu_attention_dropout_is_unbiased_and_ignores_padded_keys():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 8) for _ in range(3))
+    attn_mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :]
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    draws = torch.stack([_cpu_attention_with_dropout(q, k, v, attn_mask, 0.1) for _ in range(4000)])
+    assert torch.allclose(draws.mean(0), exact, atol=0.03)
+    assert (draws != exact).any()
+    v_other = v.clone()
+    v_other[1, :, 4:] = 100.0  # values behind padded keys must never leak in
+    torch.manual_seed(1)
+    first = _cpu_attention_with_dropout(q, k, v, attn_mask, 0.1)
+    torch.manual_seed(1)
+    assert torch.equal(_cpu_attention_with_dropout(q, k, v_other, attn_mask, 0.1)[1], first[1])
