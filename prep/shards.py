@@ -113,19 +113,21 @@ class SplitWriter:
             rest = block[self.rows_per_shard :]
             self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
 
-    def write_shard(self, rows: np.ndarray) -> None:
-        """Writes `rows` as one shard of their own (the shuffler hands over whole shards)."""
-        self._write_shard(rows)
+    def write_shard(self, rows: np.ndarray, order: np.ndarray | None = None) -> None:
+        """Writes `rows[order]` as one shard of its own (the shuffler hands over whole shards); each array is
+        gathered by `order` straight from the records, which is several times faster than permuting records."""
+        self._write_shard(rows, order)
 
     def close(self) -> None:
         if self._pending_rows:
             self._write_shard(np.concatenate(self._pending))
         self._pending, self._pending_rows = [], 0
 
-    def _write_shard(self, rows: np.ndarray) -> None:
+    def _write_shard(self, rows: np.ndarray, order: np.ndarray | None = None) -> None:
         index = len(self.shards)
         arrays = {
-            name: write_array(self.directory / shard_file_name(index, name), rows[name])
+            name: write_array(self.directory / shard_file_name(index, name),
+                              rows[name] if order is None else rows[name][order])
             for name in rows.dtype.names
         }
         self.shards.append({"rows": len(rows), "arrays": arrays})

@@ -85,7 +85,7 @@ def test_external_shuffle_is_a_permutation_over_many_buckets(tmp_path):
         for start in range(0, 10_000, 1234):
             shuffle.append(rows[start : start + 1234])
         out = []
-        shuffle.drain(out.append)
+        shuffle.drain(lambda rows, order: out.append(rows[order]))
         assert len(out) == 10 and not list(directory.iterdir())  # one shard per bucket; scratch files removed
         return np.concatenate(out)["input_ids"][:, 0].astype(np.int64)
 
