@@ -450,11 +450,12 @@ def render(info: dict, corpus: dict, vocab_size: int, workers: int, results: dic
     lines += [
         "",
         "What grows is the main process, in two ways. The shuffle holds one bucket (one shard's rows) and its "
-        "permuted copy at a time, so with the default shard size its anonymous memory rises until the training "
+        "permuted arrays at a time, so with the default shard size its anonymous memory rises until the training "
         "split fills one shard (about 200,000 rows of 128 tokens, some 130 MB of WikiText) and is flat beyond: the "
-        "bound is set by --rows-per-shard, not by the corpus. (The scatter pass reads the spool of all rows, "
-        f"{mib(sweep[-1]['train_bytes'])} at {sweep[-1]['copies']} copies, a bucket at a time with plain reads, "
-        "so none of it stays resident.) With "
+        "bound is set by --rows-per-shard, not by the corpus. (Rows that fit one bucket, "
+        f"{mib(sweep[-1]['train_bytes'])} at {sweep[-1]['copies']} copies here, stay in memory until they are "
+        "written; beyond one bucket they go to a spool file, which the scatter pass reads a bucket at a time with "
+        "plain reads, so none of it stays resident.) With "
         f"`--rows-per-shard {SWEEP_ROWS_PER_SHARD}`, over a {sweep[-1]['copies'] // sweep[0]['copies']}× larger "
         f"input the main process's file-backed memory goes from {mib(first.main_file_bytes)} to "
         f"{mib(last.main_file_bytes)} and its anonymous memory from {mib(first.main_anon_bytes)} to "
