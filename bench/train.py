@@ -3,7 +3,8 @@ device's measured matmul peak each reaches (MFU).
 
 Both models take the same random batch, precision and AdamW settings; ours runs the MLM head at the masked
 positions only, HF's at every token with labels -100 outside them (as the transformers route trains). Data loading
-is not part of it: the batch is on the device before timing starts.
+is not part of it: the batch is on the device before timing starts. Both run with the process's default malloc;
+--keep-freed-memory gives both the settings `berttrain run` applies on a CPU (`keep_freed_memory` in train/loop.py).
 
 With --shards, ours alone runs through `berttrain run` itself on real shards instead: the trainer's data path
 (zero-copy memmap slices, pinned and copied non-blocking on CUDA, prepared on a background thread), optimizer and
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.loop import fused_adamw_is_fast  # noqa: E402
+from train.loop import fused_adamw_is_fast, keep_freed_memory  # noqa: E402
 from train.model import BertForPretraining, ModelConfig, count_parameters, flops_per_token, hf_config_dict  # noqa
 
 PAD_ID, FIRST_REAL_ID = 0, 5
@@ -50,6 +51,9 @@ def parse_args() -> argparse.Namespace:
                         help="bf16, fp32 or bf16,fp32; auto = bf16, plus fp32 where the device lacks fast bf16")
     parser.add_argument("--shards", type=Path, help="time ours through `berttrain run` on these shards (no HF row)")
     parser.add_argument("--compile", action="store_true", help="with --shards: train with --compile")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="time both models with the malloc settings `berttrain run` applies on a CPU "
+                             "(with --shards they apply anyway)")
     return parser.parse_args()
 
 
@@ -217,6 +221,8 @@ def main() -> None:
         print(f"load average before the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
               "(other processes share the cores)")
     print(f"native bf16: {'yes' if bf16_is_fast(device) else 'no (bf16 is emulated; fp32 shown too)'}")
+    if args.keep_freed_memory:
+        print(f"malloc keeps freed memory (as `berttrain run` on a CPU): {keep_freed_memory()}")
     print(f"model: {args.size} (L{config.layers}/H{config.hidden}/A{config.heads}), vocab {args.vocab_size}, "
           f"batch {args.batch_size} x {args.seq_len} tokens, {args.predictions} masked per row, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
