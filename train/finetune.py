@@ -26,7 +26,7 @@ from torch import nn
 
 from prep.errors import BertError
 from train.export import Pretrained, load_pretrained
-from train.loop import resolve_device
+from train.loop import keep_freed_memory, resolve_device
 from train.model import BertForPretraining, BertModel, ModelConfig
 
 MODEL_FILE = "model.pt"  # the classifier's state dict, best epoch
@@ -398,6 +398,8 @@ def finetune(config: FinetuneConfig, progress: bool = True, log=None) -> dict:
     predict_examples = read_examples(Path(config.predict), **columns, need_labels=False) if config.predict else None
 
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as pretraining does: the vocabulary matrix's gradient is no fresh map every step
     model = build_classifier(pretrained, len(labels), config.dropout, config.from_scratch, config.seed).to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999),
                                   eps=1e-8)
