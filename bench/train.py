@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.loop import fused_adamw_is_fast, keep_freed_memory  # noqa: E402
+from train.loop import fused_adamw_is_fast, keep_freed_memory, resolve_precision  # noqa: E402
 from train.model import BertForPretraining, ModelConfig, count_parameters, flops_per_token, hf_config_dict  # noqa
 
 PAD_ID, FIRST_REAL_ID = 0, 5
@@ -58,10 +58,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def bf16_is_fast(device: torch.device) -> bool:
-    """CUDA from Ampere on; on CPU, oneDNN says whether the cores have native bf16 (AVX512-BF16 or AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether the trainer's `--precision auto` picks bf16 here: CUDA from Ampere on, CPUs with AVX512-BF16 or AMX."""
+    return resolve_precision("auto", device) == "bf16"
 
 
 def synchronize(device: torch.device) -> None:
@@ -163,8 +161,9 @@ def trainer_row(args, device: torch.device, precision: str) -> dict:
         records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
         model_config = ModelConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text())["model"])
     tokens_per_step = args.batch_size * dataset.max_len
-    step_seconds = [tokens_per_step / r["tokens_per_s"] for r in records if "tokens_per_s" in r][args.warmup:]
-    waits = [r["data_wait_frac"] for r in records if "tokens_per_s" in r][args.warmup:]
+    timed = [r for r in records if "tokens_per_s" in r][args.warmup:]
+    step_seconds = [tokens_per_step / r["tokens_per_s"] for r in timed]
+    waits = [r["data_wait_frac"] for r in timed]
     seconds = sum(step_seconds)
     with torch.device("meta"):  # only its parameter count is needed
         params = count_parameters(BertForPretraining(model_config))
@@ -175,7 +174,7 @@ def trainer_row(args, device: torch.device, precision: str) -> dict:
 
 
 def main_shards(args, device: torch.device) -> None:
-    precisions = args.precision.split(",") if args.precision != "auto" else ["bf16" if bf16_is_fast(device) else "fp32"]
+    precisions = args.precision.split(",") if args.precision != "auto" else [resolve_precision("auto", device)]
     print(f"device: {_device_name(device)}; torch {torch.__version__}")
     print(f"ours through `berttrain run` on {args.shards}: --size {args.size}, batch {args.batch_size}, "
           f"{args.steps} timed steps after {args.warmup}{', --compile' if args.compile else ''}\n")

@@ -59,7 +59,6 @@ KEY_GLOBAL_ROWS = "global_rows"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
 
 
-
 @dataclass(frozen=True)
 class Runtime:
     """Where this process runs: its device, its place among the processes, its arithmetic."""
