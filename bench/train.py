@@ -4,7 +4,7 @@ device's measured matmul peak each reaches (MFU).
 Both models take the same random batch, precision and AdamW settings; ours runs the MLM head at the masked
 positions only, HF's at every token with labels -100 outside them (as the transformers route trains). Data loading
 is not part of it: the batch is on the device before timing starts. Both run with the process's default malloc;
---keep-freed-memory gives both the settings `berttrain run` applies on a CPU (`keep_freed_memory` in train/loop.py).
+--keep-freed-memory gives both the settings `berttrain run` applies on a CPU (`keep_freed_memory` in train/runtime.py).
 
 With --shards, ours alone runs through `berttrain run` itself on real shards instead: the trainer's data path
 (zero-copy memmap slices, pinned and copied non-blocking on CUDA, prepared on a background thread), optimizer and
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.loop import fused_adamw_is_fast, keep_freed_memory, resolve_precision  # noqa: E402
+from train.optim import fused_adamw_is_fast  # noqa: E402
+from train.runtime import keep_freed_memory, resolve_precision  # noqa: E402
 from train.model import BertForPretraining, ModelConfig, count_parameters, flops_per_token, hf_config_dict  # noqa
 
 PAD_ID, FIRST_REAL_ID = 0, 5
@@ -147,7 +148,8 @@ def trainer_row(args, device: torch.device, precision: str) -> dict:
     the run's own metrics.jsonl, and the model FLOPs per token of what it computed."""
     from prep.shards import open_dataset
     from train.config import TrainConfig
-    from train.loop import CONFIG_FILE, METRICS_FILE, run
+    from train.loop import run
+    from train.rundir import CONFIG_FILE, METRICS_FILE
 
     dataset = open_dataset(args.shards)
     predictions = int(dataset.manifest["options"]["max_predictions"])

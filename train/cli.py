@@ -119,7 +119,9 @@ def run(ctx, quiet, **options):
       berttrain run --shards data/wiki_512 --init-from runs/mini --run-dir runs/mini-512
     """
     from train.config import TrainConfig
-    from train.loop import format_eval, load_run_config, run as run_training
+    from train.evaluate import format_eval
+    from train.loop import run as run_training
+    from train.rundir import load_run_config
 
     for first, second, why in _CONFLICTS:
         if options[first] and options[second] not in (None, False, "static"):
@@ -168,7 +170,7 @@ def eval_command(run_dir, shards, split, checkpoint, batch_size, max_rows, sampl
       berttrain eval --run runs/mini
       berttrain eval --run runs/mini --checkpoint runs/mini/checkpoints/step-00001000 --json
     """
-    from train.loop import eval_run, format_eval
+    from train.evaluate import eval_run, format_eval
 
     if batch_size < 1:
         raise click.UsageError("--batch-size must be at least 1")

@@ -58,7 +58,8 @@ def predict(source, checkpoint, vocab, texts, text_file, top_k, as_json, html_ou
     """
     from prep.shards import open_dataset
     from train.export import load_pretrained
-    from train.loop import check_dataset, resolve_device
+    from train.runtime import resolve_device
+    from train.sources import check_dataset
     from train.predict import Predictor, format_fill, write_shard_html
 
     if html_out is not None and (texts or text_file):
@@ -205,7 +206,7 @@ def report(run_dir, out, png, samples, device):
       berttrain report --run runs/mini
       berttrain report --run runs/mini --png --out mini.png
     """
-    from train.loop import resolve_device
+    from train.runtime import resolve_device
     from train.report import write_report
 
     if samples < 0:

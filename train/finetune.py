@@ -26,7 +26,9 @@ from torch import nn
 
 from prep.errors import BertError
 from train.export import Pretrained, load_pretrained
-from train.loop import keep_freed_memory, resolve_device
+from train.optim import make_optimizer
+from train.runtime import keep_freed_memory, resolve_device
+from train.schedule import lr_at
 from train.model import BertForPretraining, BertModel, ModelConfig
 
 MODEL_FILE = "model.pt"  # the classifier's state dict, best epoch
@@ -351,19 +353,6 @@ def predict_logits(model: BertClassifier, encoded: Encoded, batch_size: int, dev
     return torch.cat(out)
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases and LayerNorm
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
-    """Linear warm-up to `peak` over `warmup` steps, then linear decay to zero at `total` (0-based `step`)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
-
-
 def _better(record: dict, best: dict | None) -> bool:
     """Strictly better validation accuracy: a tie keeps the earlier (shorter-trained) model."""
     return best is None or record["val_acc"] > best["val_acc"]
@@ -401,8 +390,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, log=None) -> dict:
     if device.type == "cpu":
         keep_freed_memory()  # as pretraining does: the vocabulary matrix's gradient is no fresh map every step
     model = build_classifier(pretrained, len(labels), config.dropout, config.from_scratch, config.seed).to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999),
-                                  eps=1e-8)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     total = steps_per_epoch * config.epochs
     warmup = round(config.warmup_share * total)
@@ -427,7 +415,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, log=None) -> dict:
             for start in range(0, len(order), config.batch_size):
                 batch = _batch(train_data, order[start : start + config.batch_size], model.config.pad_id, device)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, config.lr, warmup, total)
+                    group["lr"] = lr_at(step, config.lr, 0.0, warmup, total)
                 logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
                 loss = F.cross_entropy(logits.float(), batch["labels"])
                 loss.backward()

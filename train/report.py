@@ -17,7 +17,7 @@ from pathlib import Path
 from prep.errors import BertError
 from train.predict import PREDICTION_CSS, row_html, write_text_atomic
 
-METRICS_FILE = "metrics.jsonl"  # as train.loop writes it
+METRICS_FILE = "metrics.jsonl"  # as train.rundir names it
 CONFIG_FILE = "config.json"
 HTML_NAME = "report.html"
 PNG_NAME = "report.png"

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from train.cli import main
-from train.loop import METRICS_FILE
+from train.rundir import METRICS_FILE
 
 TINY = ["--size", "tiny", "--layers", "1", "--hidden", "64", "--dropout", "0", "--device", "cpu",
         "--precision", "fp32", "--batch-size", "16", "--quiet"]

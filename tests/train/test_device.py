@@ -10,7 +10,8 @@ import torch
 from prep.shards import open_dataset
 from train import checkpoint as ckpt
 from train.config import TrainConfig
-from train.loop import METRICS_FILE, run
+from train.loop import run
+from train.rundir import METRICS_FILE
 from train.model import BertForPretraining, ModelConfig
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from train.config import TrainConfig
-from train.loop import METRICS_FILE, run
+from train.loop import run
+from train.rundir import METRICS_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

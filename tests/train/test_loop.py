@@ -18,8 +18,11 @@ from prep.wordpiece import Vocab
 from train import checkpoint as ckpt
 from train.batches import BatchOrder, as_tensors, to_device
 from train.config import TrainConfig
-from train.loop import (METRICS_FILE, Runtime, build, collapse_warning, collapsed, evaluate, fit, run, setup,
-                        teardown, unigram_log_probs)
+from train.diagnose import collapse_warning, collapsed
+from train.evaluate import evaluate, unigram_log_probs
+from train.loop import build, fit, run
+from train.rundir import METRICS_FILE
+from train.runtime import Runtime, setup, teardown
 from train.masking import DeviceMaskTables, mask_draws, remask, restore
 from train.model import BertForPretraining, ModelConfig, PretrainingOutput
 
@@ -121,7 +124,7 @@ def test_the_loss_is_the_mean_over_every_masked_token_of_the_global_batch(wiki_s
 def test_a_nonfinite_loss_is_skipped_and_counted(wiki_shards, tmp_path):
     """A NaN in the loss at one step leaves the weights untouched at that step, is counted, and training goes on."""
     config = _config(wiki_shards, tmp_path / "run", steps=6, **SMALL)
-    runtime = setup(config)
+    runtime = setup(config.device, config.precision)
     trainer = build(config, runtime)
     poisoned_step, seen = 3, []
 
@@ -151,7 +154,7 @@ def test_a_nonfinite_loss_is_skipped_and_counted(wiki_shards, tmp_path):
 
 def test_nonfinite_losses_in_a_row_stop_the_run_with_a_clear_message(wiki_shards, tmp_path):
     config = _config(wiki_shards, tmp_path / "run", steps=10, max_nonfinite=3, **SMALL)
-    runtime = setup(config)
+    runtime = setup(config.device, config.precision)
     trainer = build(config, runtime)
     trainer.model.register_forward_hook(lambda m, i, out: PretrainingOutput(out.mlm_logits * float("inf"), None))
     with pytest.raises(BertError, match=r"not finite for 3 steps in a row .* lower --lr"):
@@ -361,7 +364,7 @@ def test_nsp_shards_train_the_nsp_head_too(vocab_dir, wiki_valid, tmp_path):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_the_schedule_warms_up_then_decays_to_the_minimum(schedule):
-    from train.loop import Plan
+    from train.schedule import Plan
 
     plan = Plan(steps=100, warmup=10, peak_lr=1e-3, final_lr=1e-4, schedule=schedule, steps_per_epoch=50,
                 global_rows=32, tokens_per_step=4096, train_rows=1600)
@@ -376,7 +379,7 @@ def test_the_schedule_warms_up_then_decays_to_the_minimum(schedule):
 
 _FAULTS_SCRIPT = """
 import resource, sys, torch
-from train.loop import keep_freed_memory
+from train.runtime import keep_freed_memory
 
 def faults_of_one_step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from prep.errors import BertError
 from prep.shards import open_dataset
 from train.export import load_pretrained
-from train.loop import Runtime, evaluate
+from train.evaluate import evaluate
+from train.runtime import Runtime
 from train.predict import Predictor
 
 
