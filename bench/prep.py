@@ -257,7 +257,8 @@ def _raw_worker(corpus, vocab, rank, processes, docs_per_copy, barrier, results)
 
 
 def _raw_encode(corpus: str, vocab: str, rank: int, processes: int, docs_per_copy: int, barrier) -> dict:
-    from prep.corpus import ReadStats, read_documents
+    from prep.corpus import read_documents
+    from prep.textio import ReadStats
     from prep.vocab import load_tokenizer
 
     tokenizer = load_tokenizer(Path(vocab))

@@ -5,8 +5,10 @@ import sys
 
 import pytest
 
-from prep.corpus import ReadStats, detect_format, read_documents
+from prep.corpus import read_documents
 from prep.democorpus import docstring_paragraphs, write_demo_corpus
+from prep.formats import detect_format
+from prep.textio import ReadStats
 
 FUNCTION_WORDS = frozenset("the a an of to and or in is are be it this that for with as by on not".split())
 

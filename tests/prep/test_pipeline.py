@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT, build_wiki_shards
-from prep.corpus import ReadStats, read_documents, split_sentences
+from prep.corpus import read_documents, split_sentences
 from prep.masking import restore
 from prep.shards import open_dataset
+from prep.textio import ReadStats
 from prep.vocab import load_tokenizer
 
 
