@@ -53,9 +53,18 @@ def main():
     """
 
 
+# `bertprep vocab` options that only training reads, with the flag that sets each.
+_TRAINING_OPTIONS = {"vocab_size": "--vocab-size", "model_type": "--model-type", "lowercase": "--uncased/--cased",
+                     "sample_lines": "--sample-lines", "threads": "--threads"}
+
+
 @main.command()
-@click.option("-i", "--input", "inputs", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Corpus: plain text, WikiText, JSON Lines with a `text` field; .zst compressed or not. Repeatable.")
+@click.option("-i", "--input", "inputs", multiple=True, type=click.Path(path_type=Path),
+              help="Corpus to train on: plain text, WikiText, JSON Lines with a `text` field; .zst compressed or not. "
+                   "Repeatable.")
+@click.option("--import", "import_path", type=click.Path(path_type=Path),
+              help="Instead of training, use a Hugging Face tokenizer.json (or a model directory holding one): it is "
+                   "copied and recorded. Needs the `tokenizers` library.")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=DEFAULT_VOCAB_DIR, show_default=True,
               help="Vocabulary directory to write.")
 @click.option("--vocab-size", type=int, default=30522, show_default=True)
@@ -66,15 +75,33 @@ def main():
               help="Most lines fed to the trainer, sampled evenly over the corpus, so memory stays bounded.")
 @click.option("--threads", type=int, default=0, help="Trainer threads (default: all cores).")
 @click.option("--force", is_flag=True, help="Replace an existing vocabulary directory.")
-def vocab(inputs, out_dir, vocab_size, model_type, lowercase, sample_lines, threads, force):
-    """Train a vocabulary with SentencePiece and record what it was trained on.
+@click.pass_context
+def vocab(ctx, inputs, import_path, out_dir, vocab_size, model_type, lowercase, sample_lines, threads, force):
+    """Train a vocabulary with SentencePiece and record what it was trained on, or import a Hugging Face
+    tokenizer.json (such as a published ModernBERT's) to shard text for that model.
 
     \b
     Example:
       bertprep vocab -i wiki.train.tokens --vocab-size 30522
+      bertprep vocab --import ModernBERT-base/tokenizer.json -o data/modernbert_vocab
     """
-    from prep.vocab import VocabConfig, make_vocab
+    from prep.vocab import VocabConfig, import_tokenizer, make_vocab
 
+    if import_path is not None:
+        if inputs:
+            raise click.UsageError("-i/--input trains a vocabulary and --import uses an existing one: pass one of them")
+        for name, flag in _TRAINING_OPTIONS.items():
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                raise click.UsageError(f"{flag} applies to training a vocabulary with -i, not to --import")
+        record = import_tokenizer(import_path, out_dir, force=force)
+        special = " ".join(f"{role} {token}={record['special'][role]}"
+                           for role, token in record["special_tokens"].items() if token is not None)
+        click.echo(f"wrote {out_dir}/tokenizer.json: {record['vocab_size']:,} tokens (Hugging Face "
+                   f"{record['model_type']}{', byte-level' if record['byte_level'] else ''}, "
+                   f"{'uncased' if record['lowercase'] else 'cased'}); special tokens: {special}")
+        return
+    if not inputs:
+        raise click.UsageError("pass -i FILE to train a vocabulary, or --import tokenizer.json to use an existing one")
     try:
         config = VocabConfig(vocab_size=vocab_size, model_type=model_type, lowercase=lowercase,
                              sample_lines=sample_lines, threads=threads)
@@ -89,7 +116,7 @@ def vocab(inputs, out_dir, vocab_size, model_type, lowercase, sample_lines, thre
 @click.option("-i", "--input", "inputs", multiple=True, type=click.Path(path_type=Path),
               help="Corpus (repeatable). Default: the corpus the vocabulary was trained on.")
 @click.option("--vocab", "vocab_path", type=click.Path(path_type=Path), default=DEFAULT_VOCAB_DIR, show_default=True,
-              help="Vocabulary directory or a BERT vocab.txt.")
+              help="Vocabulary directory, a BERT vocab.txt or a Hugging Face tokenizer.json.")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path),
               help="Dataset directory. Default: data/{label}_{max_len}.")
 @click.option("--label", help="Dataset label. Default: the first input's file name up to its first dot.")
@@ -184,12 +211,13 @@ def peek(dataset_dir, split, count, row, show_stats, as_json, color):
       bertprep peek data/wiki_128 -n 2
       bertprep peek data/wiki_128 --split val --stats
     """
+    from prep.hf_tokenizer import readable_tokens
     from prep.peek import format_row, format_stats, row_view, split_stats
     from prep.shards import open_dataset
     from prep.wordpiece import Vocab
 
     dataset = open_dataset(dataset_dir)
-    tokens = Vocab.load(dataset.vocab_file).tokens
+    tokens = readable_tokens(Vocab.load(dataset.vocab_file))
     rows = dataset.split(split).rows
     if show_stats:
         stats = split_stats(dataset, tokens, split)

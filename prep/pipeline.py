@@ -20,13 +20,14 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from prep.corpus import (ReadStats, TextBlock, block_documents, empty_input_error, input_record,
-                         is_validation_text, read_blocks, split_sentences)
+from prep.blocks import TextBlock, block_documents, read_blocks
+from prep.corpus import input_record, is_validation_text, split_sentences
 from prep.errors import BertError
 from prep.masking import MaskingConfig, VocabTables, derive_key, mask_rows
 from prep.packing import DocumentPool, NSP_MODES, PackStats, PairBuilder, Rows, StreamPacker
 from prep.shards import DatasetWriter, ids_dtype, row_dtype
 from prep.shuffle import ExternalShuffle
+from prep.textio import ReadStats, empty_input_error
 from prep.vocab import load_tokenizer, resolve_vocab_file
 
 SHARD_BYTES = 64 << 20  # target size of one shard (all its arrays together)
@@ -153,6 +154,8 @@ def _use_tokenizer(tokenizer) -> None:
 
 def _init_worker(vocab_file: str | None, lowercase: bool | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it terminates workers
+    # Workers are the parallelism: the `tokenizers` library's own threads in each would oversubscribe the cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if vocab_file is not None:
         _use_tokenizer(load_tokenizer(Path(vocab_file), lowercase))
 
@@ -160,19 +163,25 @@ def _init_worker(vocab_file: str | None, lowercase: bool | None) -> None:
 def _encode_block(block: TextBlock, split: str | None, seed: int, val_fraction: float,
                   sentences: bool) -> tuple[list[EncodedDocument], ReadStats]:
     """Reads the documents of one block of input and tokenizes them, by sentence when pairs need them, else each as
-    one text (rows of the stream layout ignore sentence ends, and whitespace separates words either way); decides
-    each document's split unless `split` is given. Their indices are left for the main process to number in input
-    order; returns what reading counted too."""
+    one text (rows of the stream layout ignore sentence ends); decides each document's split unless `split` is
+    given. Their indices are left for the main process to number in input order; returns what reading counted too."""
     stats = ReadStats()
-    encoded = []
     dtype = ids_dtype(len(_worker_tokenizer.vocab))  # half the bytes on their way back for most vocabularies
-    for lines in block_documents(block, stats):
-        text = "\n".join(lines)  # the document as the validation split hashes it
-        texts = [s for line in lines for s in split_sentences(line)] if sentences else [text]
-        tokens, lengths = _worker_tokenizer.encode_many(texts)
-        keep = lengths > 0
+    documents = list(block_documents(block, stats))
+    doc_texts = ["\n".join(lines) for lines in documents]  # the documents as the validation split hashes them
+    texts = ([[s for line in lines for s in split_sentences(line)] for lines in documents] if sentences
+             else [[text] for text in doc_texts])
+    # One call for the whole block: the `tokenizers` library batches over many texts.
+    tokens, lengths = _worker_tokenizer.encode_many([t for doc in texts for t in doc])
+    text_ends = np.cumsum([len(doc) for doc in texts], dtype=np.int64).tolist()
+    token_ends = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    encoded = []
+    for text, doc, end in zip(doc_texts, texts, text_ends):
+        start = end - len(doc)
+        doc_lengths = lengths[start:end]
         doc_split = split or ("val" if val_fraction and is_validation_text(text, seed, val_fraction) else "train")
-        encoded.append(EncodedDocument(-1, doc_split, tokens.astype(dtype), lengths[keep]))
+        encoded.append(EncodedDocument(-1, doc_split, tokens[token_ends[start]:token_ends[end]].astype(dtype),
+                                       doc_lengths[doc_lengths > 0]))
     return encoded, stats
 
 

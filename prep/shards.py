@@ -3,7 +3,7 @@
 A dataset is a directory:
 
     manifest.msgpack          written last; its presence means the dataset is complete
-    vocab.txt                 the vocabulary the ids refer to
+    vocab.txt                 the vocabulary the ids refer to (tokenizer.json for a Hugging Face tokenizer)
     train/00000-input_ids.npy, train/00000-mlm_positions.npy, ...   one .npy per array per shard
     val/00000-input_ids.npy, ...
 
@@ -29,6 +29,7 @@ FORMAT_NAME = "bertprep-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.msgpack"
 VOCAB_NAME = "vocab.txt"
+TOKENIZER_NAME = "tokenizer.json"  # a Hugging Face tokenizer's file, kept under this name
 SPLITS = ("train", "val")
 
 # Arrays per row; the last two exist only in datasets made with --nsp.
@@ -167,8 +168,11 @@ class DatasetWriter:
         return path
 
     def copy_vocab(self, vocab_file: Path) -> str:
-        shutil.copyfile(vocab_file, self.partial_dir / VOCAB_NAME)
-        return VOCAB_NAME
+        """Copies the vocabulary into the dataset: a `.json` file as tokenizer.json, any other as vocab.txt; returns
+        the name."""
+        name = TOKENIZER_NAME if Path(vocab_file).suffix == ".json" else VOCAB_NAME
+        shutil.copyfile(vocab_file, self.partial_dir / name)
+        return name
 
     def finish(self, manifest: dict) -> None:
         """Writes the manifest (last, atomically) and moves the finished dataset to `out_dir`."""

@@ -1,7 +1,8 @@
 """Training a vocabulary with SentencePiece, the vocab directory's record, and loading a tokenizer from a `--vocab`.
 
 A vocab directory holds vocab.txt (one token a line, id = line number), spm.model for `unigram`/`bpe` vocabularies,
-and vocab.json, the record of how it was made, written last.
+and vocab.json, the record of how it was made, written last. A directory made by `bertprep vocab --import` holds a
+Hugging Face tokenizer.json instead of vocab.txt, and a record of kind "hf-tokenizer" (prep/hf_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece
 
-from prep.corpus import ReadStats, input_record, iter_lines, sample_lines
+from prep.corpus import input_record, iter_lines, sample_lines
 from prep.errors import BertError
+from prep.hf_tokenizer import KIND as HF_KIND, TOKENIZER_FILE, HfTokenizer, TokenizerJsonVocab, is_tokenizer_json
 from prep.spm import SentencePieceTokenizer, normalize_for_sentencepiece
+from prep.textio import ReadStats
 from prep.wordpiece import (CONTINUATION_PREFIX, SENTENCEPIECE_MARKER, SPECIAL_TOKENS, Vocab, WordPieceTokenizer,
                             is_isolated, pretokenize, whitespace_chunks)
 
@@ -65,8 +68,7 @@ class VocabConfig:
 def make_vocab(inputs: Sequence[Path], out_dir: Path, config: VocabConfig, force: bool = False) -> dict:
     """`bertprep vocab`: train on at most `config.sample_lines` lines sampled evenly over `inputs`; the record."""
     out_dir = Path(out_dir)
-    if not force and any((out_dir / name).exists() for name in (VOCAB_FILE, MODEL_FILE, RECORD_FILE)):
-        raise BertError(f"{out_dir} already holds a vocabulary; pass --force to replace it, or -o another directory")
+    _check_replaceable(out_dir, force)
     paths = [Path(path) for path in inputs]
     records = [input_record(path) for path in paths]
     lines = sample_lines(iter_lines(paths, ReadStats()), config.sample_lines)
@@ -101,6 +103,7 @@ def train_vocab(lines: Iterable[str], out_dir: Path, config: VocabConfig, inputs
     # Until the new record lands, the directory must not claim to hold a finished vocabulary.
     (out_dir / RECORD_FILE).unlink(missing_ok=True)
     _write_atomic(out_dir / VOCAB_FILE, vocab_bytes)
+    (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
     if model is None:
         (out_dir / MODEL_FILE).unlink(missing_ok=True)
     else:
@@ -121,6 +124,55 @@ def train_vocab(lines: Iterable[str], out_dir: Path, config: VocabConfig, inputs
     }
     _write_atomic(out_dir / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
     return record
+
+
+def import_tokenizer(source: Path, out_dir: Path, force: bool = False) -> dict:
+    """`bertprep vocab --import`: copy a Hugging Face tokenizer.json (`source`, or the one in directory `source`)
+    into `out_dir` as tokenizer.json, then write vocab.json recording what it is; returns the record.
+
+    Refuses a file the `tokenizers` library cannot read or that lacks pad, cls, sep or mask tokens. The record holds
+    kind "hf-tokenizer", the source, model type, size, casing, sha256, bytes, the special ids and token strings, and
+    the continuation rule whole-word masking uses.
+    """
+    source, out_dir = Path(source), Path(out_dir)
+    source_file = source / TOKENIZER_FILE if source.is_dir() else source
+    if not source_file.is_file():
+        raise BertError(f"no tokenizer.json at {source_file}: pass a Hugging Face tokenizer.json or the model "
+                        f"directory holding one")
+    _check_replaceable(out_dir, force)
+    data = source_file.read_bytes()
+    vocab = TokenizerJsonVocab(source_file, data)
+    HfTokenizer(vocab)  # the library must read the same tokens, or shard would fail later
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RECORD_FILE).unlink(missing_ok=True)
+    _write_atomic(out_dir / TOKENIZER_FILE, data)
+    for stale in (VOCAB_FILE, MODEL_FILE):
+        (out_dir / stale).unlink(missing_ok=True)
+    record = {
+        "format": RECORD_FORMAT,
+        "version": RECORD_VERSION,
+        "kind": HF_KIND,
+        "file": TOKENIZER_FILE,
+        "source": str(source_file.resolve()),
+        "model_type": vocab.model_type,
+        "byte_level": vocab.byte_level,
+        "vocab_size": len(vocab),
+        "lowercase": vocab.lowercase,
+        "inputs": [],
+        "vocab_sha256": vocab.sha256,
+        "bytes": len(data),
+        "special": vocab.special.as_dict(),
+        "special_tokens": vocab.special_tokens,
+        "continuation": vocab.continuation_rule,
+    }
+    _write_atomic(out_dir / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    return record
+
+
+def _check_replaceable(out_dir: Path, force: bool) -> None:
+    if not force and any((out_dir / name).exists() for name in (VOCAB_FILE, MODEL_FILE, TOKENIZER_FILE, RECORD_FILE)):
+        raise BertError(f"{out_dir} already holds a vocabulary; pass --force to replace it, or -o another directory")
 
 
 def count_words(lines: Iterable[str], config: VocabConfig) -> tuple[collections.Counter, int]:
@@ -234,14 +286,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def load_vocab_record(path: Path) -> dict | None:
-    """The vocab.json beside a vocab.txt (`path` is the directory or the vocab.txt), or None when there is none."""
+    """The vocab.json of a vocabulary directory or of the vocab.txt or tokenizer.json it describes, or None when
+    there is none (or it describes the other file)."""
     path = Path(path)
     if path.is_dir():
         directory = path
-    elif path.name == VOCAB_FILE:
+    elif path.name in (VOCAB_FILE, TOKENIZER_FILE):
         directory = path.parent
     else:
-        return None  # a record describes the vocab.txt beside it, not other files
+        return None  # a record describes the file beside it, not other files
     record_path = directory / RECORD_FILE
     if not record_path.is_file():
         return None
@@ -251,32 +304,59 @@ def load_vocab_record(path: Path) -> dict | None:
         raise BertError(f"{record_path} is not valid JSON ({err}); retrain the vocabulary with `bertprep vocab` "
                         f"or delete the file") from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        beside_tokenizer = path.name == TOKENIZER_FILE or (path.is_dir() and not (path / VOCAB_FILE).is_file()
+                                                           and (path / TOKENIZER_FILE).is_file())
+        if beside_tokenizer:
+            return None  # a Hugging Face model directory's vocab.json is its BPE vocabulary, not a record
         raise BertError(f"{record_path} is not a bertprep vocabulary record (format {RECORD_FORMAT!r}); "
                         f"delete it or point --vocab at the vocab.txt file")
     if record.get("version") != RECORD_VERSION:
         raise BertError(f"{record_path} has vocabulary record version {record.get('version')!r}, this bertprep "
                         f"reads version {RECORD_VERSION}; retrain the vocabulary with `bertprep vocab`")
+    if path.is_file() and _record_file(record) != path.name:
+        return None
     return record
 
 
+def _record_file(record: dict) -> str:
+    return TOKENIZER_FILE if record.get("kind") == HF_KIND else VOCAB_FILE
+
+
 def resolve_vocab_file(path: Path) -> Path:
-    """The vocab.txt a `--vocab` argument means: DIR/vocab.txt for a directory, else the file itself."""
+    """The vocabulary file a `--vocab` argument means: for a directory the file its vocab.json names, else its
+    vocab.txt, else its tokenizer.json; otherwise the path itself (a vocab.txt or a tokenizer.json)."""
     path = Path(path)
-    vocab_file = path / VOCAB_FILE if path.is_dir() else path
+    vocab_file = path
+    if path.is_dir():
+        record = load_vocab_record(path)
+        if record is not None:
+            vocab_file = path / _record_file(record)
+        else:
+            vocab_file = path / (TOKENIZER_FILE if not (path / VOCAB_FILE).is_file()
+                                 and (path / TOKENIZER_FILE).is_file() else VOCAB_FILE)
     if not vocab_file.is_file():
-        raise BertError(f"no vocabulary at {vocab_file}: pass a vocab.txt or a directory holding one; "
-                        f"train one with `bertprep vocab -i FILE`")
+        raise BertError(f"no vocabulary at {vocab_file}: pass a vocab.txt, a tokenizer.json or a directory holding "
+                        f"one; train one with `bertprep vocab -i FILE`")
     return vocab_file
 
 
-def load_tokenizer(path: Path, lowercase: bool | None = None) -> WordPieceTokenizer | SentencePieceTokenizer:
-    """The tokenizer for a `--vocab` (directory or vocab.txt).
+def load_tokenizer(path: Path,
+                   lowercase: bool | None = None) -> WordPieceTokenizer | SentencePieceTokenizer | HfTokenizer:
+    """The tokenizer for a `--vocab` (directory, vocab.txt or tokenizer.json).
 
     `lowercase=None` takes it from vocab.json when there is one, else infers it from the tokens. A directory whose
-    record says unigram/bpe (or whose vocab.txt has '▁' pieces) gets its spm.model; anything else is WordPiece.
+    record says unigram/bpe (or whose vocab.txt has '▁' pieces) gets its spm.model; a tokenizer.json is encoded by
+    the `tokenizers` library (its casing is its own: `lowercase` must agree); anything else is WordPiece.
     """
     vocab_file = resolve_vocab_file(path)
     record = load_vocab_record(vocab_file)
+    if is_tokenizer_json(vocab_file):
+        vocab = TokenizerJsonVocab.from_file(vocab_file, lowercase)
+        if record is not None and record.get("vocab_sha256") != vocab.sha256:
+            raise BertError(f"{vocab_file} changed after it was imported (its sha256 differs from {RECORD_FILE}'s); "
+                            f"import it again with `bertprep vocab --import FILE --force`, or delete {RECORD_FILE} "
+                            f"to use the file as it is")
+        return HfTokenizer(vocab)
     if record is not None and lowercase is None:
         lowercase = bool(record["lowercase"])
     vocab = Vocab.load(vocab_file, lowercase=lowercase)

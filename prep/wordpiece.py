@@ -173,10 +173,10 @@ def pretokenize(text: str, lowercase: bool) -> list[str]:
 
 @dataclass(frozen=True)
 class SpecialIds:
-    """Ids of the five special tokens in one vocabulary."""
+    """Ids of the five special tokens in one vocabulary (`unk` is None for a tokenizer.json without one)."""
 
     pad: int
-    unk: int
+    unk: int | None
     cls: int
     sep: int
     mask: int
@@ -227,8 +227,15 @@ class Vocab:
 
     @classmethod
     def load(cls, path: Path, lowercase: bool | None = None) -> "Vocab":
-        """Read a vocab.txt. `lowercase=None` infers it: uncased when no token has an uppercase letter."""
+        """Read a vocab.txt. `lowercase=None` infers it: uncased when no token has an uppercase letter.
+
+        A `.json` path is a Hugging Face tokenizer.json, read by `prep.hf_tokenizer.TokenizerJsonVocab`.
+        """
         path = Path(path)
+        if path.suffix == ".json":
+            from prep.hf_tokenizer import TokenizerJsonVocab  # it imports this module
+
+            return TokenizerJsonVocab.from_file(path, lowercase)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
