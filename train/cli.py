@@ -9,6 +9,10 @@ import click
 from click.core import ParameterSource
 
 from prep.cli import ErrorHandlingGroup, quiet_option
+from train.config import TrainConfig
+from train.diagnose import overfit_verdict
+from train.options import click_options
+from train.runtime import DEVICES, PRECISIONS
 
 
 class _Group(ErrorHandlingGroup):
@@ -19,9 +23,9 @@ def device_options(f, precision_default: str | None = "auto"):
     precision_help = "bf16/fp16 autocast; auto = bf16 where the device has it, else fp32."
     if precision_default is None:
         precision_help += " [default: the run's, so that its own evaluations are reproduced]"
-    f = click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=precision_default,
+    f = click.option("--precision", type=click.Choice(PRECISIONS), default=precision_default,
                      show_default=precision_default is not None, help=precision_help)(f)
-    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                         help="auto = CUDA when present.")(f)
 
 
@@ -43,68 +47,8 @@ def main():
     """
 
 
-# Options of `run` that are TrainConfig fields of the same name.
-_RUN_FIELDS = ("shards", "run_dir", "size", "layers", "hidden", "heads", "ffn", "dropout", "norm", "max_positions",
-               "masking", "batch_size", "grad_accum", "steps", "epochs", "lr", "min_lr", "warmup", "schedule",
-               "weight_decay", "grad_clip", "precision", "compile", "seed", "device", "eval_every", "eval_rows",
-               "log_every", "save_every", "keep_last", "overfit_batch", "max_nonfinite", "resume", "force",
-               "init_from")
-
-# Flags that cannot be used together, and why.
-_CONFLICTS = (
-    ("steps", "epochs", "both say how long to train: pass one of them"),
-    ("resume", "force", "contradict each other: --resume continues the run, --force replaces it"),
-    ("resume", "init_from", "contradict each other: --resume restores everything from the run itself"),
-    ("overfit_batch", "masking", "contradict each other: --overfit-batch needs the same masks every step"),
-)
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
 @main.command()
-@click.option("--shards", type=click.Path(path_type=str), help="Dataset directory made by `bertprep shard`.")
-@click.option("--run-dir", type=click.Path(path_type=str), help="Run directory (default: a new runs/run<N>).")
-@click.option("--size", type=click.Choice(["tiny", "mini", "small", "medium", "base", "large"]), default="small",
-              show_default=True, help="Named model size.")
-@click.option("--layers", type=int, help="Encoder layers (overrides --size).")
-@click.option("--hidden", type=int, help="Hidden width (overrides --size).")
-@click.option("--heads", type=int, help="Attention heads (default hidden / 64).")
-@click.option("--ffn", type=int, help="Feed-forward width (default 4 x hidden).")
-@click.option("--dropout", type=float, help="Dropout [default: 0.1, or 0 with --overfit-batch].")
-@click.option("--norm", type=click.Choice(["post", "pre"]), default="post", show_default=True,
-              help="LayerNorm after (BERT) or before each block.")
-@click.option("--max-positions", type=int, help="Position table size [default: 512, or the shards' max_len].")
-@click.option("--masking", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
-              help="static: the shards' masks; dynamic: fresh masks on the device every step.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per process per micro-step.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-steps per optimizer step.")
-@click.option("--steps", type=int, help="Optimizer steps [default: one epoch].")
-@click.option("--epochs", type=float, help="Passes over the training rows, instead of --steps.")
-@click.option("--lr", type=float, help="Peak learning rate [default: by --size and --norm].")
-@click.option("--min-lr", type=float, help="Final learning rate [default: lr / 10].")
-@click.option("--warmup", type=int, help="Warm-up steps [default: 6% of the steps, at most 10,000].")
-@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True,
-              help="Decay after warm-up.")
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Max gradient norm; 0 = off.")
-@device_options
-@click.option("--compile", is_flag=True, help="torch.compile the model.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--eval-every", type=int, default=500, show_default=True,
-              help="Validate every N steps and at the end; 0 = never.")
-@click.option("--eval-rows", type=int, default=4096, show_default=True, help="Validation rows per evaluation.")
-@click.option("--log-every", type=int, default=10, show_default=True, help="Metrics record every N steps.")
-@click.option("--save-every", type=int, default=1000, show_default=True,
-              help="Checkpoint every N steps and at the end; 0 = only at the end.")
-@click.option("--keep-last", type=int, default=3, show_default=True, help="Checkpoints kept besides the best.")
-@click.option("--overfit-batch", is_flag=True, help="Train on one batch; report whether the loss reaches ~0.")
-@click.option("--max-nonfinite", type=int, default=5, show_default=True,
-              help="Stop after this many non-finite losses in a row.")
-@click.option("--resume", is_flag=True, help="Continue --run-dir from its latest checkpoint.")
-@click.option("--force", is_flag=True, help="Replace an existing --run-dir.")
-@click.option("--init-from", type=click.Path(path_type=str), help="Start from the weights of a run or checkpoint.")
+@click_options(TrainConfig)
 @quiet_option
 @click.pass_context
 def run(ctx, quiet, **options):
@@ -118,24 +62,18 @@ def run(ctx, quiet, **options):
       berttrain run --run-dir runs/mini --resume --steps 4000
       berttrain run --shards data/wiki_512 --init-from runs/mini --run-dir runs/mini-512
     """
-    from train.config import TrainConfig
     from train.evaluate import format_eval
     from train.loop import run as run_training
     from train.rundir import load_run_config
 
-    for first, second, why in _CONFLICTS:
-        if options[first] and options[second] not in (None, False, "static"):
-            raise click.UsageError(f"--{_flag(first)} and --{_flag(second)} {why}")
-    if options["resume"]:
-        if not options["run_dir"]:
-            raise click.UsageError("--resume needs the run to continue: pass --run-dir DIR")
-        given = {name: options[name] for name in _RUN_FIELDS
+    config = TrainConfig(**options)  # checks the flags as given, before anything is read
+    if config.resume:
+        saved = load_run_config(Path(config.run_dir))
+        given = {name: value for name, value in options.items()
                  if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
-        config = load_run_config(Path(options["run_dir"])).replace(force=False, init_from=None, **given)
-    else:
-        if not options["shards"]:
-            raise click.UsageError("pass --shards DIR (a dataset made by `bertprep shard`)")
-        config = TrainConfig(**{name: options[name] for name in _RUN_FIELDS})
+        config = saved.replace(force=False, init_from=None, **given)
+    elif not config.shards:
+        raise click.UsageError("pass --shards DIR (a dataset made by `bertprep shard`)")
     summary = run_training(config, progress=not quiet)
     if summary is None:  # not rank 0
         return
@@ -147,9 +85,8 @@ def run(ctx, quiet, **options):
     if summary.get("eval"):
         click.echo(format_eval(summary["eval"], prefix="val"))
     if "overfit" in summary:
-        o = summary["overfit"]
-        click.echo(f"overfit-batch: loss {o['first_loss']:.4f} -> {o['final_loss']:.4f}: "
-                   + ("reached ~0" if o["reached_zero"] else "did NOT reach ~0"))
+        overfit = summary["overfit"]
+        click.echo(overfit_verdict(overfit["first_loss"], overfit["final_loss"], summary["step"]))
 
 
 @main.command(name="eval")

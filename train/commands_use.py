@@ -11,6 +11,8 @@ from pathlib import Path
 import click
 
 from prep.errors import BertError
+from train.finetune import FinetuneConfig
+from train.options import click_options
 
 
 def source_options(f):
@@ -120,41 +122,9 @@ def export(source, checkpoint, vocab, out_dir, weights_format, force):
 
 
 @click.command()
-@click.option("--run", "source", type=click.Path(path_type=Path), required=True,
-              help="Pretrained run, checkpoint or Hugging Face BERT directory (with --from-scratch: only its shape "
-                   "and vocabulary).")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="A checkpoint of the run [default: the latest].")
-@click.option("--vocab", type=click.Path(path_type=Path), help="The run's vocab.txt, when its shards have moved.")
-@click.option("--from-scratch", is_flag=True, help="Random weights: the baseline that shows what pretraining buys.")
-@click.option("--train", "train_file", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="Training examples: .tsv (GLUE style), .csv or .jsonl with a header/keys.")
-@click.option("--val", "val_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Validation examples: scored every epoch, for early stopping and the best model.")
-@click.option("--test", "test_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Test examples, scored once with the best model.")
-@click.option("--predict", "predict_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Examples to label (no label column needed); written to OUT/predictions.jsonl.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
-              help="Output directory: best model, metrics, predictions.")
-@click.option("--text-a", default="sentence", show_default=True, help="Column of the text (the first of a pair).")
-@click.option("--text-b", help="Column of the second text, for sentence pairs.")
-@click.option("--label", default="label", show_default=True, help="Column of the label.")
-@click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--lr", type=float, default=2e-5, show_default=True, help="Peak learning rate.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-len", type=int, default=128, show_default=True, help="Tokens per example; longer are cut.")
-@click.option("--warmup-share", type=float, default=0.1, show_default=True, help="Share of steps of warm-up.")
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--dropout", type=float, default=0.1, show_default=True)
-@click.option("--patience", type=int, default=2, show_default=True,
-              help="Stop after this many epochs without better validation accuracy; 0 = never.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@device_option
-@click.option("--force", is_flag=True, help="Replace an existing --out directory.")
+@click_options(FinetuneConfig, required=("source", "train", "out_dir"))
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def finetune(source, checkpoint, vocab, from_scratch, train_file, val_file, test_file, predict_file, out_dir,
-             text_a, text_b, label, epochs, lr, batch_size, max_len, warmup_share, weight_decay, dropout, patience,
-             seed, device, force, quiet):
+def finetune(quiet, **options):
     """Fine-tune a pretrained BERT for sequence classification on local files.
 
     TSV (GLUE/SST-2 style: header, tab-separated), CSV or JSON Lines, one example a row; sentence pairs with
@@ -167,14 +137,9 @@ def finetune(source, checkpoint, vocab, from_scratch, train_file, val_file, test
       berttrain finetune --run runs/mini --from-scratch --train sst2/train.tsv --val sst2/dev.tsv --out runs/scratch
       berttrain finetune --run exports/mini --train pairs.jsonl --text-a premise --text-b hypothesis --out runs/nli
     """
-    from train.finetune import FinetuneConfig, finetune as run_finetune, format_epoch
+    from train.finetune import finetune as run_finetune, format_epoch
 
-    config = FinetuneConfig(
-        source=str(source), train=str(train_file), out_dir=str(out_dir), val=_str(val_file), test=_str(test_file),
-        predict=_str(predict_file), checkpoint=_str(checkpoint), vocab=_str(vocab), from_scratch=from_scratch,
-        text_a=text_a, text_b=text_b, label=label, epochs=epochs, lr=lr, batch_size=batch_size, max_len=max_len,
-        warmup_share=warmup_share, weight_decay=weight_decay, dropout=dropout, patience=patience, seed=seed,
-        device=device, force=force)
+    config = FinetuneConfig(**options)
     summary = run_finetune(config, progress=not quiet)
     best = summary["best"]
     click.echo(f"best epoch {summary['best_epoch']} of {len(summary['epochs'])}: {format_epoch(best)}")
@@ -213,10 +178,6 @@ def report(run_dir, out, png, samples, device):
         raise click.UsageError("--samples must be 0 or more")
     path = write_report(run_dir, out, png=png, samples=samples, device=str(resolve_device(device)))
     click.echo(f"wrote {path}")
-
-
-def _str(value) -> str | None:
-    return None if value is None else str(value)
 
 
 def register(group: click.Group) -> None:

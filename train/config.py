@@ -9,10 +9,11 @@ from typing import Mapping
 from prep.errors import BertError
 from train.masking import MASKING_MODES
 from train.model import NORMS, SIZES
+from train.options import check_choices, choice
+from train.runtime import DEVICES, PRECISIONS
+from train.schedule import SCHEDULES
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
-SCHEDULES = ("linear", "cosine")
+ARCHS = ("bert", "modernbert")
 
 # Peak learning rates that train each size untuned at a few hundred rows per step; pre-LN takes about twice the
 # post-LN rate (Xiong et al., 2020). Larger models need smaller steps.
@@ -31,85 +32,84 @@ class TrainConfig:
     """A training run; None means "the default derived from the data, the model size or the other options"."""
 
     shards: str
-    """Dataset directory made by `bertprep shard` (--shards)."""
+    """Dataset directory made by `bertprep shard`."""
     run_dir: str | None = None
-    """Where config, metrics and checkpoints go; default a new runs/run<N> (--run-dir)."""
-    size: str = "small"
-    """Named model size: tiny, mini, small, medium, base, large (--size)."""
+    """Where config, metrics and checkpoints go; default a new runs/run<N>."""
+    arch: str = choice("bert", ARCHS)
+    """Model architecture: bert (BERT, learned positions) or modernbert (RoPE, GeGLU, pre-norm, no biases)."""
+    size: str = choice("small", SIZES)
+    """Named model size: its layers and width."""
     layers: int | None = None
-    """Encoder layers, overriding the size (--layers)."""
+    """Encoder layers, overriding the size."""
     hidden: int | None = None
-    """Hidden width, overriding the size (--hidden)."""
+    """Hidden width, overriding the size."""
     heads: int | None = None
-    """Attention heads, overriding the size (--heads)."""
+    """Attention heads, overriding the size."""
     ffn: int | None = None
-    """Feed-forward width, overriding the size (--ffn)."""
+    """Feed-forward width, overriding the size."""
     dropout: float | None = None
-    """Dropout on embeddings, residual branches and attention; default 0.1, or 0 with --overfit-batch (--dropout)."""
-    norm: str = "post"
-    """LayerNorm placement: post (BERT) or pre (--norm)."""
+    """Dropout on embeddings, residual branches and attention; default 0.1, or 0 with --overfit-batch."""
+    norm: str = choice("post", NORMS)
+    """LayerNorm placement of --arch bert: post (BERT) or pre."""
     max_positions: int | None = None
-    """Size of the position table; default 512, or the shards' max_len when longer (--max-positions)."""
-    masking: str = "static"
-    """static: the shards' masks; dynamic: fresh masks on the device every step (--masking)."""
+    """Size of the position table; default 512, or the shards' max_len when longer."""
+    masking: str = choice("static", MASKING_MODES)
+    """static: the shards' masks; dynamic: fresh masks on the device every step."""
+    mask_prob: float | None = None
+    """With --masking dynamic: share of the tokens to mask; default the shards' own rate."""
     batch_size: int = 32
-    """Rows per process per micro-step (--batch-size)."""
+    """Rows per process per micro-step."""
     grad_accum: int = 1
-    """Micro-steps accumulated into one optimizer step (--grad-accum)."""
+    """Micro-steps accumulated into one optimizer step."""
     steps: int | None = None
-    """Optimizer steps to train; default one epoch (--steps)."""
+    """Optimizer steps to train; default one epoch."""
     epochs: float | None = None
-    """Passes over the training rows, instead of --steps (--epochs)."""
+    """Passes over the training rows, instead of --steps."""
     lr: float | None = None
-    """Peak learning rate; default by --size and --norm (--lr)."""
+    """Peak learning rate; default by --size and --norm."""
     min_lr: float | None = None
-    """Learning rate at the end of the decay; default a tenth of --lr (--min-lr)."""
+    """Learning rate at the end of the decay; default a tenth of --lr."""
     warmup: int | None = None
-    """Linear warm-up steps; default 6% of the planned steps, at most 10,000 (--warmup)."""
-    schedule: str = "linear"
-    """Decay after warm-up: linear or cosine (--schedule)."""
+    """Linear warm-up steps; default 6% of the planned steps, at most 10,000."""
+    schedule: str = choice("linear", SCHEDULES)
+    """Decay after warm-up: linear or cosine."""
     weight_decay: float = 0.01
-    """AdamW weight decay; never on biases and LayerNorm (--weight-decay)."""
+    """AdamW weight decay; never on biases and LayerNorm."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this; 0 turns clipping off (--grad-clip)."""
-    precision: str = "auto"
-    """auto, bf16, fp16 or fp32; auto is bf16 where the device has it, else fp32 (--precision)."""
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+    precision: str = choice("auto", PRECISIONS)
+    """auto, bf16, fp16 or fp32; auto is bf16 where the device has it, else fp32."""
     compile: bool = False
-    """Run the model through torch.compile (--compile)."""
+    """Run the model through torch.compile."""
     seed: int = 0
-    """Seed of the initial weights, the batch order, dropout and dynamic masks (--seed)."""
-    device: str = "auto"
-    """auto (CUDA when present), cpu or cuda (--device)."""
+    """Seed of the initial weights, the batch order, dropout and dynamic masks."""
+    device: str = choice("auto", DEVICES)
+    """auto (CUDA when present), cpu or cuda."""
     eval_every: int = 500
-    """Evaluate on the validation split every N steps and at the end; 0 = never (--eval-every)."""
+    """Evaluate on the validation split every N steps and at the end; 0 = never."""
     eval_rows: int = 4096
-    """Validation rows per evaluation (all when fewer) (--eval-rows)."""
+    """Validation rows per evaluation (all when fewer)."""
     log_every: int = 10
-    """Write a metrics record every N steps (--log-every)."""
+    """Write a metrics record every N steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to RUN_DIR/tensorboard (needs the tensorboard package)."""
     save_every: int = 1000
-    """Save a checkpoint every N steps and at the end; 0 = only at the end (--save-every)."""
+    """Save a checkpoint every N steps and at the end; 0 = only at the end."""
     keep_last: int = 3
-    """Checkpoints kept besides the best (--keep-last)."""
+    """Checkpoints kept besides the best."""
     overfit_batch: bool = False
-    """Train on the first batch only, to check that the loss can reach ~0 (--overfit-batch)."""
+    """Train on the first batch only, to check that the loss can reach ~0."""
     max_nonfinite: int = 5
-    """Stop after this many steps in a row with a non-finite loss (--max-nonfinite)."""
+    """Stop after this many steps in a row with a non-finite loss."""
     resume: bool = False
-    """Continue the run in --run-dir from its latest checkpoint (--resume)."""
+    """Continue the run in --run-dir from its latest checkpoint."""
     force: bool = False
-    """Replace an existing --run-dir (--force)."""
+    """Replace an existing --run-dir."""
     init_from: str | None = None
-    """Start from the weights of a run or checkpoint directory, nothing else (--init-from)."""
+    """Start from the weights of a run or checkpoint directory, nothing else."""
 
     def __post_init__(self):
-        if self.size not in SIZES:
-            raise BertError(f"--size must be one of {', '.join(SIZES)}, got {self.size!r}")
-        if self.norm not in NORMS:
-            raise BertError(f"--norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
-        for name, choices in (("masking", MASKING_MODES), ("precision", PRECISIONS), ("device", DEVICES),
-                              ("schedule", SCHEDULES)):
-            if getattr(self, name) not in choices:
-                raise BertError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        check_choices(self)
         for name in ("batch_size", "grad_accum", "log_every", "max_nonfinite", "eval_rows", "keep_last"):
             _require(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
         for name in ("layers", "hidden", "heads", "ffn", "steps", "max_positions"):
@@ -122,6 +122,7 @@ class TrainConfig:
         _require(self.lr is None or self.lr > 0, "lr", "positive", self.lr)
         _require(self.min_lr is None or self.min_lr >= 0, "min_lr", "0 or more", self.min_lr)
         _require(self.dropout is None or 0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
+        _require(self.mask_prob is None or 0 < self.mask_prob < 1, "mask_prob", "in (0, 1)", self.mask_prob)
         _require(self.weight_decay >= 0, "weight_decay", "0 or more", self.weight_decay)
         _require(self.grad_clip >= 0, "grad_clip", "0 or more", self.grad_clip)
         if self.steps is not None and self.epochs is not None:
@@ -132,6 +133,8 @@ class TrainConfig:
             raise BertError("--resume restores everything from the run itself: drop --init-from")
         if self.resume and not self.run_dir:
             raise BertError("--resume needs the run to continue: pass --run-dir DIR")
+        if self.mask_prob is not None and self.masking != "dynamic":
+            raise BertError("--mask-prob re-masks the shards at another rate: it needs --masking dynamic")
         if self.overfit_batch and self.masking == "dynamic":
             raise BertError("--overfit-batch needs the same masks every step: use --masking static")
         if self.lr is not None and self.min_lr is not None and self.min_lr > self.lr:

@@ -27,7 +27,8 @@ from torch import nn
 from prep.errors import BertError
 from train.export import Pretrained, load_pretrained
 from train.optim import make_optimizer
-from train.runtime import keep_freed_memory, resolve_device
+from train.options import check_choices, choice
+from train.runtime import DEVICES, keep_freed_memory, resolve_device
 from train.schedule import lr_at
 from train.model import BertForPretraining, BertModel, ModelConfig
 
@@ -50,52 +51,53 @@ class FinetuneConfig:
     """Run, checkpoint or Hugging Face BERT directory: the weights, or with from_scratch only the shape and
     vocabulary (--run)."""
     train: str
-    """Training examples: .tsv (GLUE style, header), .csv (header) or .jsonl (--train)."""
+    """Training examples: .tsv (GLUE style, header), .csv (header) or .jsonl."""
     out_dir: str
     """Where the best model, metrics.jsonl and finetune.json go (--out)."""
     val: str | None = None
-    """Validation examples, scored every epoch for early stopping and model selection (--val)."""
+    """Validation examples, scored every epoch for early stopping and model selection."""
     test: str | None = None
-    """Test examples, scored once with the best model (--test)."""
+    """Test examples, scored once with the best model."""
     predict: str | None = None
-    """Examples (labels not needed) to label with the best model, written to predictions.jsonl (--predict)."""
+    """Examples (labels not needed) to label with the best model, written to predictions.jsonl."""
     checkpoint: str | None = None
-    """A checkpoint of the run instead of its latest (--checkpoint)."""
+    """A checkpoint of the run instead of its latest."""
     vocab: str | None = None
-    """The run's vocab.txt when its shards have moved (--vocab)."""
+    """The run's vocab.txt when its shards have moved."""
     from_scratch: bool = False
-    """Random weights of the same shape and vocabulary: the no-pretraining baseline (--from-scratch)."""
+    """Random weights of the same shape and vocabulary: the no-pretraining baseline."""
     text_a: str = "sentence"
-    """Column of the (first) text (--text-a)."""
+    """Column of the (first) text."""
     text_b: str | None = None
-    """Column of the second text, for sentence pairs (--text-b)."""
+    """Column of the second text, for sentence pairs."""
     label: str = "label"
-    """Column of the label (--label)."""
+    """Column of the label."""
     epochs: int = 3
-    """Passes over the training examples (--epochs)."""
+    """Passes over the training examples."""
     lr: float = 2e-5
-    """Peak learning rate (--lr)."""
+    """Peak learning rate."""
     batch_size: int = 32
-    """Examples per step (--batch-size)."""
+    """Examples per step."""
     max_len: int = 128
     """Tokens per example, [CLS] and [SEP]s included; longer ones are cut, the longer text of a pair first
-    (--max-len)."""
+."""
     warmup_share: float = 0.1
-    """Share of the steps of linear warm-up (--warmup-share)."""
+    """Share of the steps of linear warm-up."""
     weight_decay: float = 0.01
-    """AdamW weight decay, never on biases and LayerNorm (--weight-decay)."""
+    """AdamW weight decay, never on biases and LayerNorm."""
     dropout: float = 0.1
-    """Dropout in the encoder and before the classifier (--dropout)."""
+    """Dropout in the encoder and before the classifier."""
     patience: int = 2
-    """Stop after this many epochs without a better validation accuracy; 0 = never stop early (--patience)."""
+    """Stop after this many epochs without a better validation accuracy; 0 = never stop early."""
     seed: int = 0
-    """Seed of the new weights, dropout and the example order (--seed)."""
-    device: str = "auto"
-    """auto (CUDA when present), cpu or cuda (--device)."""
+    """Seed of the new weights, dropout and the example order."""
+    device: str = choice("auto", DEVICES)
+    """auto (CUDA when present), cpu or cuda."""
     force: bool = False
-    """Replace an existing --out directory (--force)."""
+    """Replace an existing --out directory."""
 
     def __post_init__(self):
+        check_choices(self)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise BertError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
