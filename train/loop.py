@@ -129,7 +129,7 @@ def build(config: TrainConfig, runtime: Runtime) -> Trainer:
     if config.masking == "dynamic":
         mask_tables = DeviceMaskTables.build(vocab.is_special, vocab.is_continuation, vocab.special.mask,
                                              vocab.special.pad, bool(dataset.manifest["options"].get("whole_word")),
-                                             runtime.device)
+                                             runtime.device, mask_prob=config.mask_prob)
 
     # How the model runs: wrapped for several processes, compiled on request.
     forward_model: nn.Module = model
@@ -174,7 +174,7 @@ def _print_banner(trainer: Trainer, source: str, resumed: Path | None) -> None:
         + (", NSP head" if shape.nsp else ""),
         f"data       {trainer.dataset.path}: {plan.train_rows:,} train rows of {trainer.dataset.max_len} tokens"
         + (f" ({copies} masked copies)" if copies > 1 else "")
-        + f", {trainer.val_split.rows if trainer.val_split else 0:,} val rows, masking {config.masking}",
+        + f", {trainer.val_split.rows if trainer.val_split else 0:,} val rows, masking {_masking(trainer)}",
         f"batch      {plan.global_rows} rows/step = {config.batch_size} x {config.grad_accum} accum x "
         f"{runtime.world_size} process(es); {plan.tokens_per_step:,} tokens/step",
         f"steps      {plan.steps:,} ({plan.steps / plan.steps_per_epoch:.2f} epochs of {plan.steps_per_epoch:,} "
@@ -186,6 +186,13 @@ def _print_banner(trainer: Trainer, source: str, resumed: Path | None) -> None:
         log(runtime, line)
 
 
+
+
+def _masking(trainer: Trainer) -> str:
+    tables = trainer.mask_tables
+    if tables is None or tables.mask_prob is None:
+        return trainer.config.masking
+    return f"dynamic at {tables.mask_prob:.0%}"
 
 
 @dataclass

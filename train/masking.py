@@ -2,9 +2,10 @@
 
 The shards hold one masking per row (per `--dupe-factor` copy); `--masking dynamic` gives RoBERTa's fresh masks each
 step instead, from the same rows and at no CPU cost. The rules are those of `prep.masking`: ordinary tokens only
-(never a special token), each row keeps the number of predictions its shard masking had, and of the chosen
-positions 80% become [MASK], 10% a random ordinary token and 10% stay; whole words when the shards were made with
---whole-word.
+(never a special token), and of the chosen positions 80% become [MASK], 10% a random ordinary token and 10% stay;
+whole words when the shards were made with --whole-word. At the shards' own rate each row keeps the number of
+predictions its shard masking had, in the shards' slot width; `--mask-prob P` instead gives each row the count
+`prep.masking.mask_rows` gives at rate P, in ceil(max_len × P) slots.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from prep.masking import REPLACE_WITH_MASK, REPLACE_WITH_RANDOM
+from prep.masking import REPLACE_WITH_MASK, REPLACE_WITH_RANDOM, MaskingConfig
 
 MASKING_MODES = ("static", "dynamic")
 _NEVER = 2.0  # a sort key above every uniform draw: the position is never chosen
@@ -36,10 +37,15 @@ class DeviceMaskTables:
     """Id of [PAD]; also the label of an unused prediction slot."""
     whole_word: bool = False
     """Choose whole words, as the shards' --whole-word did."""
+    mask_prob: float | None = None
+    """Share of a row's ordinary tokens to mask (--mask-prob); None keeps each row's count and slots of the shards."""
 
     @classmethod
     def build(cls, is_special: np.ndarray, is_continuation: np.ndarray, mask_id: int, pad_id: int,
-              whole_word: bool, device: torch.device) -> "DeviceMaskTables":
+              whole_word: bool, device: torch.device, mask_prob: float | None = None) -> "DeviceMaskTables":
+        """Tables on `device` from the vocabulary's bool [vocab] lookups; `mask_prob` in (0, 1) or None."""
+        if mask_prob is not None and not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be between 0 and 1 (exclusive) or None, got {mask_prob}")
         special = torch.as_tensor(np.asarray(is_special, dtype=bool), device=device)
         return cls(
             is_special=special,
@@ -48,7 +54,15 @@ class DeviceMaskTables:
             mask_id=int(mask_id),
             pad_id=int(pad_id),
             whole_word=whole_word,
+            mask_prob=None if mask_prob is None else float(mask_prob),
         )
+
+    def prediction_slots(self, max_len: int, shard_slots: int) -> int:
+        """Width P' of the re-masked `mlm_positions`/`mlm_labels`: the shards' own `shard_slots` at their rate,
+        else ceil(max_len × mask_prob), the offline masker's default --max-predictions at that rate."""
+        if self.mask_prob is None:
+            return shard_slots
+        return MaskingConfig.default_max_predictions(max_len, self.mask_prob)
 
 
 def restore(input_ids: torch.Tensor, mlm_positions: torch.Tensor, mlm_labels: torch.Tensor,
@@ -62,7 +76,11 @@ def restore(input_ids: torch.Tensor, mlm_positions: torch.Tensor, mlm_labels: to
 
 def mask_draws(rows: int, width: int, tables: DeviceMaskTables, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The random numbers that re-mask `rows` rows of `width` tokens: draw them once for a step's global batch and
-    give each micro-batch its rows, so the masks of a row do not depend on how the batch is split."""
+    give each micro-batch its rows, so the masks of a row do not depend on how the batch is split.
+
+    `width` is the row length L (not the slot count, so the draws are the same at any --mask-prob): float32 `keys`
+    and `action` in [0, 1) and int64 `pick` (an index into `tables.ordinary_ids`), each [rows, L] on the tables'
+    device, drawn in that order from `generator`."""
     device = tables.is_special.device
     return {
         "keys": torch.rand((rows, width), generator=generator, device=device),
@@ -72,14 +90,26 @@ def mask_draws(rows: int, width: int, tables: DeviceMaskTables, generator: torch
 
 
 def remask(batch: dict[str, torch.Tensor], tables: DeviceMaskTables, draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy of `batch` (int64 tensors on the device) with `input_ids`, `mlm_positions` and `mlm_labels` replaced
-    by a fresh masking of the same rows, each row with as many predictions as before. `draws` holds this batch's
-    rows of `mask_draws`."""
+    """A copy of `batch` with `input_ids`, `mlm_positions` and `mlm_labels` replaced by a fresh masking of the
+    same rows; the other entries are passed through. `draws` holds this batch's rows of `mask_draws`.
+
+    In: int64 tensors on the device, `input_ids` [B, L] and the shard's `mlm_positions`/`mlm_labels` [B, P].
+    Out: int64 `input_ids` [B, L], `mlm_positions` and `mlm_labels` [B, P'] with P' = `tables.prediction_slots(L,
+    P)`; used slots first, positions ascending, then unused slots (position 0, label the pad id) as in the format.
+    A row gets as many predictions as its shard masking had when `tables.mask_prob` is None; else, with c ordinary
+    tokens, min(P', max(1, round(c × mask_prob))), none when c = 0 (whole words take up to that many).
+    """
     ids = restore(batch["input_ids"], batch["mlm_positions"], batch["mlm_labels"], tables.pad_id)
-    slots = batch["mlm_positions"].shape[1]
+    slots = tables.prediction_slots(ids.shape[1], batch["mlm_positions"].shape[1])
     device = ids.device
     candidate = ~tables.is_special[ids]
-    count = torch.minimum((batch["mlm_labels"] != tables.pad_id).sum(1), candidate.sum(1))
+    candidates = candidate.sum(1)
+    if tables.mask_prob is None:
+        count = torch.minimum((batch["mlm_labels"] != tables.pad_id).sum(1), candidates)
+    else:
+        # float64 and round-half-to-even, as prep.masking's np.rint: the same count as the offline masker.
+        target = torch.round(candidates.double() * tables.mask_prob).long().clamp(min=1, max=slots)
+        count = torch.where(candidates > 0, target, torch.zeros_like(target))
 
     if tables.whole_word:
         chosen = _choose_words(ids, draws["keys"], candidate, count, tables)

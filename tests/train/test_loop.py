@@ -23,7 +23,6 @@ from train.evaluate import evaluate, unigram_log_probs
 from train.loop import build, fit, run
 from train.rundir import METRICS_FILE
 from train.runtime import Runtime, setup, teardown
-from train.masking import DeviceMaskTables, mask_draws, remask, restore
 from train.model import BertForPretraining, ModelConfig, PretrainingOutput
 
 CPU = torch.device("cpu")
@@ -238,47 +237,6 @@ def test_init_from_starts_from_the_weights_and_grows_the_position_table(wiki_sha
     new = ckpt.load_weights(phase2)["encoder.embeddings.position.weight"]
     assert new.shape == (128, 64)
     assert torch.allclose(new[:64], old, atol=1e-6)
-
-
-def test_dynamic_masking_follows_the_shard_rules(wiki_shards):
-    """Re-masking on the device: the originals come back from the labels, each row keeps its number of
-    predictions, specials are never chosen, 80/10/10 holds, and the masks differ from the shard's."""
-    dataset = open_dataset(wiki_shards)
-    vocab = Vocab.load(dataset.vocab_file)
-    split = dataset.split("train")
-    batch = to_device(as_tensors(split.slice(0, 2048)), CPU)
-    pad, mask = vocab.special.pad, vocab.special.mask
-    tables = DeviceMaskTables.build(vocab.is_special, vocab.is_continuation, mask, pad, False, CPU)
-    original = restore(batch["input_ids"], batch["mlm_positions"], batch["mlm_labels"], pad)
-    out = remask(batch, tables, mask_draws(2048, dataset.max_len, tables, torch.Generator().manual_seed(0)))
-
-    assert torch.equal(restore(out["input_ids"], out["mlm_positions"], out["mlm_labels"], pad), original)
-    used = out["mlm_labels"] != pad
-    assert torch.equal(used.sum(1), (batch["mlm_labels"] != pad).sum(1))
-    chosen = torch.zeros_like(original, dtype=torch.bool).scatter(1, out["mlm_positions"], used)
-    assert not tables.is_special[original[chosen]].any()
-    unchanged = out["input_ids"] == original
-    assert torch.equal(unchanged | chosen, torch.ones_like(chosen))  # only chosen positions change
-    corrupted = out["input_ids"][chosen]
-    share_mask = (corrupted == mask).float().mean().item()
-    share_kept = (corrupted == original[chosen]).float().mean().item()
-    assert 0.77 < share_mask < 0.83 and 0.08 < share_kept < 0.12  # kept includes random draws of the same id
-    assert not tables.is_special[corrupted[corrupted != mask]].any()
-    assert not torch.equal(out["mlm_positions"], batch["mlm_positions"])
-    draws = mask_draws(2048, dataset.max_len, tables, torch.Generator().manual_seed(0))
-    halves = [remask({k: v[rows] for k, v in batch.items()}, tables, {k: v[rows] for k, v in draws.items()})
-              for rows in (slice(0, 1000), slice(1000, 2048))]
-    assert torch.equal(torch.cat([h["input_ids"] for h in halves]), out["input_ids"])  # split-invariant
-
-    words = DeviceMaskTables.build(vocab.is_special, vocab.is_continuation, mask, pad, True, CPU)
-    whole = remask(batch, words, draws)
-    used = whole["mlm_labels"] != pad
-    assert (used.sum(1) <= (batch["mlm_labels"] != pad).sum(1)).all() and used.sum() > 0.9 * chosen.sum()
-    picked = torch.zeros_like(chosen).scatter(1, whole["mlm_positions"], used)
-    # A chosen '##' piece always comes with the piece before it (unless the row starts mid-word): whole words.
-    continues = words.is_continuation[original[:, 1:]] & ~words.is_special[original[:, :-1]]
-    assert not (picked[:, 1:] & continues & ~picked[:, :-1]).any()
-    assert (picked[:, 1:] & continues).any()
 
 
 def test_evaluation_reports_baselines_samples_and_collapse(wiki_shards):
