@@ -8,7 +8,6 @@ accumulation micro-steps) divided by their global count, so the gradient is the 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -24,14 +23,17 @@ from prep.masking import derive_key
 from prep.shards import Dataset, Split, open_dataset
 from prep.wordpiece import Vocab
 from train import checkpoint as ckpt
+from train.banner import banner, run_record
 from train.batches import BatchLayout, BatchOrder, BatchStream
 from train.config import TrainConfig
 from train.diagnose import COLLAPSE_EVALS, OVERFIT_LOSS, collapse_warning, collapsed
 from train.evaluate import EVAL_KEYS, evaluate, format_eval, unigram_log_probs
 from train.masking import DeviceMaskTables, mask_draws, remask
-from train.model import BertForPretraining, count_parameters
+from train.metrics import (TENSORBOARD_DIR, BarSink, JsonlSink, MetricsWriter, Sink,
+                           require_tensorboard, tensorboard_sink)
+from train.model import BertForPretraining
 from train.optim import make_optimizer
-from train.rundir import METRICS_FILE, dataset_summary, prepare_run_dir, write_run_files
+from train.rundir import METRICS_FILE, prepare_run_dir, write_run_files
 from train.runtime import Runtime, all_reduce, log, on_main, setup, teardown
 from train.schedule import Plan
 from train.sources import check_dataset, initial_model, resumed_model
@@ -86,6 +88,8 @@ def _step_seed(*parts: int) -> int:
 def build(config: TrainConfig, runtime: Runtime) -> Trainer:
     """Opens and checks the shards, builds (or restores) model and optimizer, prepares the run directory."""
     # The data and where the model comes from.
+    if config.tensorboard:
+        require_tensorboard()
     dataset = open_dataset(Path(config.shards))
     train_split = dataset.split("train")
     resume_from = None
@@ -145,54 +149,10 @@ def build(config: TrainConfig, runtime: Runtime) -> Trainer:
                       vocab=vocab, mask_tables=mask_tables)
     if resume_from is not None:
         restore(trainer, resume_from)
-    on_main(runtime, lambda: write_run_files(run_dir, _run_record(trainer), trainer.step))
-    _print_banner(trainer, source.name, resume_from)
-    return trainer
-
-
-def _run_record(trainer: Trainer) -> dict:
-    """What config.json holds: every option, the model, the shards, the derived numbers."""
-    return {
-        "train": trainer.config.as_dict(),
-        "model": trainer.model.config.as_dict(),
-        "dataset": dataset_summary(trainer.dataset),
-        "world_size": trainer.runtime.world_size,
-        "precision": trainer.runtime.precision,
-        "plan": trainer.plan.__dict__,
-    }
-
-
-def _print_banner(trainer: Trainer, source: str, resumed: Path | None) -> None:
-    """The derived numbers of the run, printed at start."""
-    plan, config, runtime = trainer.plan, trainer.config, trainer.runtime
-    shape = trainer.model.config
-    copies = trainer.dataset.manifest["splits"]["train"].get("copies", 1)
-    lines = [
-        f"run        {trainer.run_dir}" + (f" (resumed at step {trainer.step} from {resumed.name})" if resumed else ""),
-        f"model      {source}: {shape.layers} layers x {shape.hidden} hidden, {shape.heads} heads, ffn {shape.ffn}, "
-        f"{shape.norm}-LN, {count_parameters(trainer.model) / 1e6:.2f}M parameters"
-        + (", NSP head" if shape.nsp else ""),
-        f"data       {trainer.dataset.path}: {plan.train_rows:,} train rows of {trainer.dataset.max_len} tokens"
-        + (f" ({copies} masked copies)" if copies > 1 else "")
-        + f", {trainer.val_split.rows if trainer.val_split else 0:,} val rows, masking {_masking(trainer)}",
-        f"batch      {plan.global_rows} rows/step = {config.batch_size} x {config.grad_accum} accum x "
-        f"{runtime.world_size} process(es); {plan.tokens_per_step:,} tokens/step",
-        f"steps      {plan.steps:,} ({plan.steps / plan.steps_per_epoch:.2f} epochs of {plan.steps_per_epoch:,} "
-        f"steps)" + (", one batch repeated (--overfit-batch)" if config.overfit_batch else ""),
-        f"schedule   lr {plan.peak_lr:g}, warm-up {plan.warmup:,} steps, {plan.schedule} decay to {plan.final_lr:g}",
-        f"device     {runtime.device} {runtime.precision}" + (", compiled" if config.compile else ""),
-    ]
-    for line in lines:
+    on_main(runtime, lambda: write_run_files(run_dir, run_record(trainer), trainer.step))
+    for line in banner(trainer, source.name, resume_from):
         log(runtime, line)
-
-
-
-
-def _masking(trainer: Trainer) -> str:
-    tables = trainer.mask_tables
-    if tables is None or tables.mask_prob is None:
-        return trainer.config.masking
-    return f"dynamic at {tables.mask_prob:.0%}"
+    return trainer
 
 
 @dataclass
@@ -271,24 +231,6 @@ def train_step(trainer: Trainer, micro: list[dict[str, torch.Tensor]], step: int
     return StepResult(total, mlm_loss, nsp_loss, grad_norm, lr, skipped=not finite)
 
 
-class _Metrics:
-    """metrics.jsonl on rank 0: one JSON object a line, flushed as written."""
-
-    def __init__(self, path: Path | None):
-        self.file = open(path, "a") if path is not None else None
-
-    def write(self, record: dict) -> None:
-        if self.file is not None:
-            # A non-finite loss is written as null: NaN is not JSON, and other readers choke on it.
-            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
 def fit(trainer: Trainer, stop_at: int | None = None, progress: bool = True) -> dict:
     """Trains from `trainer.step` to the planned steps (or `stop_at`), logging, evaluating and saving on the way.
 
@@ -298,9 +240,9 @@ def fit(trainer: Trainer, stop_at: int | None = None, progress: bool = True) -> 
 
     config, runtime, plan = trainer.config, trainer.runtime, trainer.plan
     end = plan.steps if stop_at is None else min(plan.steps, stop_at)
-    metrics = _Metrics(trainer.run_dir / METRICS_FILE if runtime.is_main else None)
     bar = tqdm(total=plan.steps, initial=trainer.step, desc="train", unit="step", file=sys.stderr,
                dynamic_ncols=True, disable=not (progress and runtime.is_main), mininterval=0.5)
+    metrics = MetricsWriter(_sinks(trainer, bar) if runtime.is_main else [])
     stream = BatchStream(trainer.dataset.split("train"), trainer.order, trainer.layout, runtime.device,
                          start_step=trainer.step, repeat_step=0 if config.overfit_batch else None)
     first_loss = last = None
@@ -308,6 +250,7 @@ def fit(trainer: Trainer, stop_at: int | None = None, progress: bool = True) -> 
     window = {"time": 0.0, "wait": 0.0, "steps": 0, "skipped": 0}
     try:
         while trainer.step < end:
+            # Forward, backward, update.
             began = time.perf_counter()
             batch = stream.next()
             result = train_step(trainer, batch.micro, trainer.step)
@@ -316,12 +259,14 @@ def fit(trainer: Trainer, stop_at: int | None = None, progress: bool = True) -> 
             window["wait"] += batch.wait_s
             window["steps"] += 1
             last = result
+
+            # Non-finite losses: skipped, and stopped when they persist.
             if result.skipped:
                 trainer.nonfinite_total += 1
                 trainer.nonfinite_run += 1
                 window["skipped"] += 1
                 log(runtime, f"step {trainer.step}: loss is {result.loss}, step skipped "
-                         f"({trainer.nonfinite_run} in a row, {trainer.nonfinite_total} in all)")
+                             f"({trainer.nonfinite_run} in a row, {trainer.nonfinite_total} in all)")
                 if trainer.nonfinite_run >= config.max_nonfinite:
                     raise BertError(
                         f"the loss was not finite for {trainer.nonfinite_run} steps in a row (up to step "
@@ -332,6 +277,8 @@ def fit(trainer: Trainer, stop_at: int | None = None, progress: bool = True) -> 
                 trainer.nonfinite_run = 0
                 if first_loss is None:
                     first_loss = result.loss
+
+            # Timing and logging.
             if trainer.step % config.log_every == 0 or trainer.step == end:
                 record = {"step": trainer.step, "epoch": batch.epoch, "loss": result.loss,
                           "mlm_loss": result.mlm_loss, "lr": result.lr, "grad_norm": result.grad_norm,
@@ -341,9 +288,10 @@ def fit(trainer: Trainer, stop_at: int | None = None, progress: bool = True) -> 
                 if result.nsp_loss is not None:
                     record["nsp_loss"] = result.nsp_loss
                 metrics.write(record)
-                bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
                 window = {"time": 0.0, "wait": 0.0, "steps": 0, "skipped": 0}
             bar.update(1)
+
+            # Evaluate and checkpoint.
             at_end = trainer.step == plan.steps
             if config.eval_every and trainer.val_split is not None and \
                     (trainer.step % config.eval_every == 0 or at_end):
@@ -353,9 +301,11 @@ def fit(trainer: Trainer, stop_at: int | None = None, progress: bool = True) -> 
     finally:
         stream.close()
         bar.close()
+        metrics.close()
+
+    # Termination: the last step is always saved.
     if trainer.last_saved_step != trainer.step:
         save(trainer)
-    metrics.close()
     summary = {"run_dir": str(trainer.run_dir), "step": trainer.step, "steps": plan.steps,
                "loss": last.loss if last else None, "nonfinite_steps": trainer.nonfinite_total,
                "eval": last_eval}
@@ -365,17 +315,26 @@ def fit(trainer: Trainer, stop_at: int | None = None, progress: bool = True) -> 
     return summary
 
 
-def _evaluate_during_fit(trainer: Trainer, metrics: _Metrics) -> dict:
+def _sinks(trainer: Trainer, bar) -> list[Sink]:
+    """Where rank 0's records go: metrics.jsonl, the bar, and TensorBoard with --tensorboard."""
+    sinks = [JsonlSink(trainer.run_dir / METRICS_FILE), BarSink(bar)]
+    if trainer.config.tensorboard:
+        sinks.append(tensorboard_sink(trainer.run_dir / TENSORBOARD_DIR, start_step=trainer.step))
+    return sinks
+
+
+def _evaluate_during_fit(trainer: Trainer, metrics: MetricsWriter) -> dict:
     runtime, config = trainer.runtime, trainer.config
     if trainer.unigram is None:
         trainer.unigram = unigram_log_probs(trainer.dataset.split("train"), trainer.model.config.vocab_size,
                                             trainer.model.config.pad_id)
     result = evaluate(trainer.model, trainer.val_split, runtime, config.batch_size, config.eval_rows,
-                      unigram=trainer.unigram, samples=SAMPLE_ROWS if runtime.is_main else 0, tokens=trainer.vocab.tokens,
-                      mask_id=trainer.vocab.special.mask)
+                      unigram=trainer.unigram, samples=SAMPLE_ROWS if runtime.is_main else 0,
+                      tokens=trainer.vocab.tokens, mask_id=trainer.vocab.special.mask)
     trainer.last_eval_step = trainer.step
     record = {"step": trainer.step, "split": "val", **{k: result[k] for k in EVAL_KEYS if k in result}}
     metrics.write(record)
+    metrics.samples(trainer.step, result.get("samples", []))
     log(runtime, format_eval(result, prefix=f"step {trainer.step} val"))
     for sample in result.get("samples", []):
         log(runtime, sample)
@@ -390,7 +349,6 @@ def _evaluate_during_fit(trainer: Trainer, metrics: _Metrics) -> dict:
                 ckpt.write_best(trainer.run_dir, trainer.step, result["mlm_loss"])
                 ckpt.prune(trainer.run_dir, config.keep_last)
     return result
-
 
 
 def run(config: TrainConfig, progress: bool = True, stop_at: int | None = None) -> dict | None:

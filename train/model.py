@@ -90,6 +90,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    def summary(self) -> str:
+        """The shape in words, for the start-up banner."""
+        return (f"BERT {self.layers} layers x {self.hidden} hidden, {self.heads} heads, ffn {self.ffn}, {self.norm}-LN"
+                + (", NSP head" if self.nsp else ""))
+
     @classmethod
     def from_size(cls, name: str, vocab_size: int, **overrides) -> ModelConfig:
         """A named size (tiny, mini, small, medium, base, large); `overrides` replace any field.

@@ -12,8 +12,6 @@ TINY = ["--size", "tiny", "--layers", "1", "--hidden", "64", "--dropout", "0", "
         "--precision", "fp32", "--batch-size", "16", "--quiet"]
 
 
-
-
 def test_every_command_has_help_with_an_example():
     runner = CliRunner()
     assert "Example" in runner.invoke(main, ["--help"]).output
@@ -98,3 +96,29 @@ def test_conflicting_flags_are_one_line_errors_before_anything_is_read(tmp_path,
     result = CliRunner().invoke(main, ["run", "--shards", str(tmp_path), "--run-dir", str(tmp_path), *args])
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_run_with_tensorboard_writes_events_tensorboard_reads(wiki_shards, tmp_path):
+    """`--tensorboard` sends every metrics.jsonl record to RUN_DIR/tensorboard as well: what users of the
+    projects we replace look at. Read back with TensorBoard's own reader, tags and counts as logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", "--shards", str(wiki_shards), "--run-dir", str(run_dir), "--steps", "6",
+                                       "--log-every", "2", "--eval-every", "3", "--eval-rows", "64", "--tensorboard",
+                                       *TINY])
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    train_tags = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/data_wait_frac"}
+    val_tags = {"val/mlm_loss", "val/mlm_acc", "val/mask_acc", "val/ppl"}
+    assert set(tags["scalars"]) == train_tags | val_tags
+    for tag in train_tags:
+        assert [e.step for e in events.Scalars(tag)] == [2, 4, 6]
+    for tag in val_tags:
+        assert [e.step for e in events.Scalars(tag)] == [3, 6]
+    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    losses = [r["loss"] for r in records if "split" not in r]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
+    assert any("samples" in tag for tag in tags["tensors"])
