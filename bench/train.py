@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.optim import fused_adamw_is_fast  # noqa: E402
 from train.runtime import keep_freed_memory, resolve_precision  # noqa: E402
-from train.model import BertForPretraining, ModelConfig, count_parameters, flops_per_token, hf_config_dict  # noqa
+from train.hf.bert import hf_config_dict  # noqa: E402
+from train.model import BertForPretraining, ModelConfig, count_parameters, flops_per_token  # noqa: E402
 
 PAD_ID, FIRST_REAL_ID = 0, 5
 

@@ -59,7 +59,7 @@ def predict(source, checkpoint, vocab, texts, text_file, top_k, as_json, html_ou
       berttrain predict --run runs/mini --html preds.html --split val -n 20
     """
     from prep.shards import open_dataset
-    from train.export import load_pretrained
+    from train.pretrained import load_pretrained
     from train.runtime import resolve_device
     from train.sources import check_dataset
     from train.predict import Predictor, format_fill, write_shard_html
@@ -111,7 +111,7 @@ def export(source, checkpoint, vocab, out_dir, weights_format, force):
       berttrain export --run runs/mini --hf exports/mini
       python -c "from transformers import pipeline; print(pipeline('fill-mask', 'exports/mini')('the [MASK] sat'))"
     """
-    from train.export import export_hf
+    from train.hf.export import export_hf
 
     record = export_hf(source, out_dir, checkpoint, vocab, weights_format, force)
     click.echo(f"wrote {record['out_dir']}: {record['architecture']}, {record['tensors']} tensors "

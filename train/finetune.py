@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prep.errors import BertError
-from train.export import Pretrained, load_pretrained
+from train.pretrained import Pretrained, load_pretrained
 from train.optim import make_optimizer
 from train.options import check_choices, choice
 from train.runtime import DEVICES, keep_freed_memory, resolve_device

@@ -14,7 +14,7 @@ import torch
 
 from prep.errors import BertError
 from prep.shards import Split
-from train.export import Pretrained
+from train.pretrained import Pretrained
 
 PREDICT_BATCH_ROWS = 32
 

@@ -259,7 +259,7 @@ def sample_predictions(run_dir: Path, samples: int, device: str = "cpu") -> tupl
     """(HTML table of `samples` validation rows scored by the latest checkpoint, or a note why there is none,
     the checkpoint used)."""
     from prep.shards import open_dataset
-    from train.export import load_pretrained
+    from train.pretrained import load_pretrained
     from train.predict import Predictor
 
     try:

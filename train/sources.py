@@ -12,6 +12,7 @@ from prep.errors import BertError
 from prep.shards import FORMAT_VERSION, Dataset, file_sha256
 from train import checkpoint as ckpt
 from train.config import TrainConfig
+from train.hf.files import is_hf_dir, load_hf_dir
 from train.model import ModelConfig
 
 
@@ -67,8 +68,6 @@ def initial_model(config: TrainConfig, dataset: Dataset) -> ModelSource:
     """The model a new run starts from: --init-from's weights (grown to the shards' row length), or a fresh --size."""
     vocab, nsp = dataset.vocab, dataset.has_nsp
     if config.init_from:
-        from train.export import is_hf_dir, load_hf_dir  # here: export imports the trainer
-
         path = Path(config.init_from)
         if is_hf_dir(path):  # a published Hugging Face BERT: weights, config.json and vocab.txt
             saved, state, vocab_file = load_hf_dir(path)

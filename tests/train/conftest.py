@@ -46,7 +46,7 @@ def pretrained_run(tmp_path_factory, wiki_shards) -> Path:
 @pytest.fixture(scope="session")
 def hf_export(tmp_path_factory, pretrained_run) -> Path:
     """`berttrain export` of the pretrained run: a Hugging Face directory."""
-    from train.export import export_hf
+    from train.hf.export import export_hf
 
     return Path(export_hf(pretrained_run, tmp_path_factory.mktemp("hf") / "bert")["out_dir"])
 

@@ -14,9 +14,11 @@ from transformers.models.bert.tokenization_bert import load_vocab  # noqa: E402
 
 from prep.errors import BertError  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
-from train.export import (PYTORCH_FILE, SAFETENSORS_FILE, export_hf, is_hf_dir, load_hf_dir,  # noqa: E402
-                          load_pretrained)
-from train.model import BertForPretraining, ModelConfig, to_hf_state_dict  # noqa: E402
+from train.hf.bert import to_hf_state_dict  # noqa: E402
+from train.hf.export import export_hf  # noqa: E402
+from train.hf.files import PYTORCH_FILE, SAFETENSORS_FILE, is_hf_dir, load_hf_dir  # noqa: E402
+from train.model import BertForPretraining, ModelConfig  # noqa: E402
+from train.pretrained import load_pretrained  # noqa: E402
 from train.predict import Predictor  # noqa: E402
 
 # Real WikiText-2 validation sentences with words masked out.
@@ -259,10 +261,10 @@ def test_export_is_checked_against_transformers_own_model(pretrained_run, tmp_pa
     """The names and shapes written are compared with transformers' BertForMaskedLM built from the config.json
     written beside them: a config that disagrees with the weights (here a wrong intermediate_size) stops the export
     instead of producing a directory that transformers would half re-initialise."""
-    import train.export
+    import train.hf.export
 
-    real = train.export.hf_config_dict
-    monkeypatch.setattr(train.export, "hf_config_dict", lambda config: {**real(config), "intermediate_size": 100})
+    real = train.hf.export.hf_config_dict
+    monkeypatch.setattr(train.hf.export, "hf_config_dict", lambda config: {**real(config), "intermediate_size": 100})
     with pytest.raises(BertError, match=r"does not match transformers .*wrong shape \['bert.encoder.layer.0"):
         export_hf(pretrained_run, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from prep.errors import BertError
-from train.export import load_pretrained
+from train.pretrained import load_pretrained
 from train.finetune import (MODEL_FILE, PREDICTIONS_FILE, RECORD_FILE, BertClassifier, Examples, FinetuneConfig,
                             encode_examples, finetune, label_set, predict_logits, read_examples, scores)
 from train.model import ModelConfig

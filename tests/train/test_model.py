@@ -7,6 +7,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from prep.errors import BertError  # noqa: E402
+from train.hf.bert import from_hf_state_dict, hf_config_dict, to_hf_state_dict  # noqa: E402
 from train.model import (  # noqa: E402
     BertForPretraining,
     ModelConfig,
@@ -14,9 +15,6 @@ from train.model import (  # noqa: E402
     count_parameters,
     dropout,
     flops_per_token,
-    from_hf_state_dict,
-    hf_config_dict,
-    to_hf_state_dict,
 )
 
 # 1000 is not a multiple of 64, so the padded-vocabulary path (1000 -> 1024 rows) is exercised.

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from prep.errors import BertError
 from prep.shards import open_dataset
-from train.export import load_pretrained
+from train.pretrained import load_pretrained
 from train.evaluate import evaluate
 from train.runtime import Runtime
 from train.predict import Predictor
