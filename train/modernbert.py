@@ -1,0 +1,430 @@
+"""ModernBERT (Warner et al., 2024) for masked-LM pretraining: what transformers' `ModernBertForMaskedLM` computes.
+
+A sibling of `train.model`'s BERT with the same interface, so the trainer drives either. Token embeddings only
+(RoPE carries position); pre-norm layers with a fused bias-free `Wqkv`, a GeGLU MLP and no biases but the
+decoder's (norm_bias adds LayerNorm biases); every `global_attn_every_n_layers`-th layer (layer 0 first) attends
+globally with RoPE theta `global_rope_theta`, the others within `local_attention // 2` tokens either side with
+`local_rope_theta`. The MLM head runs at the masked positions only. Submodules carry transformers' names, so the
+weight mapping (`train.hf.modernbert`) is one to one but for the vocabulary padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prep.errors import BertError
+from train.model import SIZES, PretrainingOutput, _cpu_attention_with_dropout, dropout, gather_positions
+
+INIT_STD = 0.02
+INIT_CUTOFF = 2.0  # transformers' initializer_cutoff_factor: weights are truncated at +-2 std
+ACTIVATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}
+"""transformers' activation names we build -> F.gelu's `approximate`; one activation serves GeGLU and head."""
+
+
+def glu_width(hidden: int) -> int:
+    """GeGLU inner width for a hidden width: 8/3 * hidden, to the nearest multiple of 64.
+
+    A GeGLU of width I holds 3 * hidden * I weights, BERT's MLP 2 * hidden * 4 * hidden, so 8/3 gives a ModernBERT of
+    any named size BERT's parameter count (within 7% after rounding; exact at base, 768 -> 2048) and a comparison
+    at equal size compares architectures, not widths. ModernBERT-base's own 1152 (1.5x) spends the difference on
+    22 layers instead of 12; pass --ffn 1152 to get its width.
+    """
+    return max(64, round(8 * hidden / 3 / 64) * 64)
+
+
+@dataclass(frozen=True)
+class ModernBertConfig:
+    """The shape of a ModernBERT; saved as `model.json` beside every checkpoint and read back from there."""
+
+    vocab_size: int
+    """Real vocabulary entries (ids 0..vocab_size-1); taken from the dataset's vocab.txt."""
+    hidden: int
+    """Width of every token vector (--hidden)."""
+    layers: int
+    """Number of encoder layers (--layers)."""
+    heads: int
+    """Attention heads per layer; must divide --hidden (--heads)."""
+    intermediate: int
+    """GeGLU inner width: Wi projects to 2 * this (input and gate), Wo back from it (--ffn)."""
+    hidden_activation: str = "gelu"
+    """transformers' name of the GeGLU's and the head's activation: gelu (exact) or gelu_pytorch_tanh."""
+    norm_bias: bool = False
+    """Give every LayerNorm a bias; ModernBERT has none (transformers' norm_bias)."""
+    max_positions: int = 8192
+    """Rows may be at most this long; RoPE has no table, so this only bounds the input (--max-positions)."""
+    norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm (all bias-free)."""
+    global_rope_theta: float = 160000.0
+    """RoPE base of the global attention layers."""
+    local_rope_theta: float = 10000.0
+    """RoPE base of the sliding-window attention layers."""
+    local_attention: int = 128
+    """Sliding window width: a local layer's token sees those at most local_attention // 2 positions away."""
+    global_attn_every_n_layers: int = 3
+    """Layers 0, n, 2n, ... attend globally; the others use the sliding window."""
+    embedding_dropout: float = 0.0
+    """Dropout after the embedding LayerNorm (--dropout)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities and on the attention block's output (--attention-dropout)."""
+    mlp_dropout: float = 0.0
+    """Dropout on the GeGLU product before Wo (--dropout)."""
+    pad_id: int = 0
+    """Id of [PAD]; positions holding it are masked out of attention by default."""
+    pad_vocab_to: int = 64
+    """Round the embedding/decoder rows up to a multiple of this for aligned matmuls."""
+    nsp: bool = False
+    """Always false: ModernBERT has no next-sentence head (the field keeps BERT's interface) (--nsp)."""
+    arch: str = "modernbert"
+    """The architecture's name, recorded in model.json so that the checkpoint loader picks this class."""
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden", "layers", "heads", "intermediate", "max_positions", "local_attention",
+                     "global_attn_every_n_layers", "pad_vocab_to"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BertError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        if self.hidden % self.heads or (self.hidden // self.heads) % 2:
+            raise BertError(f"--heads ({self.heads}) must divide --hidden ({self.hidden}) into an even head width "
+                            f"(RoPE rotates pairs of dimensions)")
+        if self.local_attention % 2:
+            raise BertError(f"--local-attention must be even (a window of local_attention // 2 tokens either side "
+                            f"of each token), got {self.local_attention}")
+        for name in ("embedding_dropout", "attention_dropout", "mlp_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise BertError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("norm_eps", "global_rope_theta", "local_rope_theta"):
+            if not getattr(self, name) > 0:
+                raise BertError(f"--{_flag(name)} must be a positive number, got {getattr(self, name)}")
+        if self.hidden_activation not in ACTIVATIONS:
+            raise BertError(f"hidden_activation must be one of {', '.join(ACTIVATIONS)}, "
+                            f"got {self.hidden_activation!r}")
+        if self.nsp:
+            raise BertError("--nsp is not available with ModernBERT, which has no next-sentence head")
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise BertError(f"pad id {self.pad_id} is outside the vocabulary of {self.vocab_size} entries")
+        if self.arch != "modernbert":
+            raise BertError(f"model config names arch {self.arch!r}, not 'modernbert'")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding/decoder matrix: vocab_size rounded up to a multiple of pad_vocab_to."""
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def half_window(self) -> int:
+        """How far a local layer looks either side: local_attention // 2, as transformers' `sliding_window`."""
+        return self.local_attention // 2
+
+    def is_global(self, layer: int) -> bool:
+        return layer % self.global_attn_every_n_layers == 0
+
+    def summary(self) -> str:
+        """The shape in words, for the start-up banner."""
+        return (f"ModernBERT {self.layers} layers x {self.hidden} hidden, {self.heads} heads, GeGLU "
+                f"{self.intermediate}, global every {self.global_attn_every_n_layers}, window {self.local_attention}")
+
+    @classmethod
+    def from_size(cls, name: str, vocab_size: int, **overrides) -> ModernBertConfig:
+        """A named size of `train.model.SIZES` (layers, hidden; heads = hidden / 64, intermediate from
+        `glu_width`); `overrides` replace any field.
+
+        `ffn` is the GeGLU intermediate width; `dropout` sets embedding_dropout and mlp_dropout (unless they are
+        given too). heads and intermediate follow an overridden hidden unless they are overridden too.
+        """
+        if name not in SIZES:
+            raise BertError(f"unknown model size {name!r} for --size; choose one of {', '.join(SIZES)}")
+        layers, hidden = SIZES[name]
+        hidden = overrides.pop("hidden", hidden)
+        if "ffn" in overrides:
+            overrides["intermediate"] = overrides.pop("ffn")
+        if "dropout" in overrides:
+            p = overrides.pop("dropout")
+            overrides.setdefault("embedding_dropout", p)
+            overrides.setdefault("mlp_dropout", p)
+        fields = {"layers": layers, "hidden": hidden, "heads": max(1, hidden // 64),
+                  "intermediate": glu_width(hidden)}
+        fields.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise BertError(f"options {unknown} do not apply to a ModernBERT model")
+        return cls(vocab_size=vocab_size, **fields)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ModernBertConfig:
+        """Reads back `as_dict()`; refuses unknown fields rather than silently dropping them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BertError(f"model config has unknown fields {unknown}: was it written by a newer berttrain?")
+        return cls(**data)
+
+
+def _flag(field: str) -> str:
+    return field.replace("_", "-")
+
+
+def _layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(config.hidden, eps=config.norm_eps, bias=config.norm_bias)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        # padding_idx as in transformers: the [PAD] row gets no gradient from the lookup (it still does from the
+        # tied decoder).
+        self.tok_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden, padding_idx=config.pad_id)
+        self.norm = _layer_norm(config)
+        self.dropout_p = config.embedding_dropout
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return dropout(self.norm(self.tok_embeddings(input_ids)), self.dropout_p, self.training)
+
+
+class Rotary(nn.Module):
+    """RoPE cos/sin tables [L, head_dim] for one theta, cached per (length, device, dtype); not in the state dict.
+
+    Frequencies and angles are computed in float32 and cast, as transformers does, so tables match it bit for bit.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (length, device, dtype)
+        if key not in self._tables:
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
+            inv_freq = 1.0 / (self.theta ** exponents)
+            angles = torch.arange(length, device=device).float()[:, None] * inv_freq
+            angles = torch.cat((angles, angles), dim=-1)
+            self._tables[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+        return self._tables[key]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, L, D] rotated by position (half-split pairing), in float32 and cast back to x's dtype."""
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat((-second, first), dim=-1) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.heads, self.head_dim = config.heads, config.head_dim
+        self.dropout_p = config.attention_dropout
+        self.Wqkv = nn.Linear(config.hidden, 3 * config.hidden, bias=False)
+        self.Wo = nn.Linear(config.hidden, config.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, L, H]; attn_mask bool broadcastable to [B, 1, L, L], true where a query may see a key."""
+        batch, length, hidden = x.shape
+        # Wqkv's rows are q, k, v in turn, each split into heads: transformers' layout.
+        q, k, v = self.Wqkv(x).view(batch, length, 3, self.heads, self.head_dim).transpose(1, 3).unbind(2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p and x.device.type == "cpu":
+            out = _cpu_attention_with_dropout(q, k, v, attn_mask, dropout_p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        return dropout(self.Wo(out.transpose(1, 2).reshape(batch, length, hidden)), self.dropout_p, self.training)
+
+
+class Mlp(nn.Module):
+    """GeGLU: Wi -> GELU(input) * gate -> dropout -> Wo."""
+
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.dropout_p = config.mlp_dropout
+        self.approximate = ACTIVATIONS[config.hidden_activation]
+        self.Wi = nn.Linear(config.hidden, 2 * config.intermediate, bias=False)
+        self.Wo = nn.Linear(config.intermediate, config.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.Wi(x).chunk(2, dim=-1)
+        return self.Wo(dropout(F.gelu(value, approximate=self.approximate) * gate, self.dropout_p, self.training))
+
+
+class Layer(nn.Module):
+    def __init__(self, config: ModernBertConfig, index: int):
+        super().__init__()
+        self.is_global = config.is_global(index)
+        # Layer 0's input is the embedding LayerNorm's output already, so ModernBERT normalises it only once.
+        self.attn_norm = nn.Identity() if index == 0 else _layer_norm(config)
+        self.attn = Attention(config)
+        self.mlp_norm = _layer_norm(config)
+        self.mlp = Mlp(config)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), attn_mask, cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ModernBertModel(nn.Module):
+    """Embeddings, encoder layers and the final LayerNorm; returns the last hidden states [B, L, H]."""
+
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.layers))
+        self.final_norm = _layer_norm(config)
+        self.global_rotary = Rotary(config.head_dim, config.global_rope_theta)
+        self.local_rotary = Rotary(config.head_dim, config.local_rope_theta)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, L] of any integer dtype (uint16 shards are widened here, once, on the device);
+        attention_mask [B, L] (true/1 = real token) defaults to input_ids != pad_id."""
+        length = input_ids.shape[1]
+        if length > self.config.max_positions:
+            raise BertError(f"rows of {length} tokens exceed the model's --max-positions {self.config.max_positions}")
+        input_ids = input_ids.long()
+        if attention_mask is None:
+            attention_mask = input_ids != self.config.pad_id
+        global_mask = attention_mask.bool()[:, None, None, :]
+        x = self.embeddings(input_ids)
+        local_mask = self._local_mask(global_mask, length) if not all(l.is_global for l in self.layers) else None
+        tables = {True: self.global_rotary(length, x.device, x.dtype),
+                  False: self.local_rotary(length, x.device, x.dtype)}
+        for layer in self.layers:
+            x = layer(x, global_mask if layer.is_global else local_mask, *tables[layer.is_global])
+        return self.final_norm(x)
+
+    def _local_mask(self, key_mask: torch.Tensor, length: int) -> torch.Tensor:
+        """[B, 1, L, L]: keys within half_window of the query and not padding, or the query itself.
+
+        The diagonal changes no real token's attention (it sees itself anyway) but keeps a padding query whose whole
+        window is padding from a fully masked row, which some kernels turn into NaN.
+        """
+        index = torch.arange(length, device=key_mask.device)
+        distance = (index[:, None] - index[None, :]).abs()
+        return (key_mask & (distance <= self.config.half_window)) | (distance == 0)
+
+
+class PredictionHead(nn.Module):
+    """dense (no bias) -> the activation -> LayerNorm."""
+
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.approximate = ACTIVATIONS[config.hidden_activation]
+        self.dense = nn.Linear(config.hidden, config.hidden, bias=False)
+        self.norm = _layer_norm(config)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(hidden), approximate=self.approximate))
+
+
+class TiedDecoder(nn.Module):
+    """The decoder's bias; its weight is the token embedding matrix, passed in."""
+
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.vocab_size = config.vocab_size
+        self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size))
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., vocab_size]; the padding rows' columns are dropped."""
+        return F.linear(hidden, weight, self.bias)[..., : self.vocab_size]
+
+
+class ModernBertForPretraining(nn.Module):
+    """The encoder with the masked-LM head; called exactly like `train.model.BertForPretraining`."""
+
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.config = config
+        self.model = ModernBertModel(config)
+        self.head = PredictionHead(config)
+        self.decoder = TiedDecoder(config)
+        _init_weights(self, config)
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        """The token embedding table, which is also the decoder's weight."""
+        return self.model.embeddings.tok_embeddings
+
+    def forward(self, input_ids: torch.Tensor, mlm_positions: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                mlm_valid: torch.Tensor | None = None) -> PretrainingOutput:
+        """MLM logits at the masked positions only; nsp_logits is always None. token_type_ids is ignored.
+
+        mlm_positions [B, P] (any integer dtype) index into the L tokens of each row. Without `mlm_valid` the
+        logits are [B, P, vocab_size] for every slot, padded ones included; with `mlm_valid` bool [B, P] they are
+        [N, vocab_size] for the N true slots in row-major order (one host-device sync).
+        """
+        picked = gather_positions(self.model(input_ids, attention_mask), mlm_positions)
+        if mlm_valid is not None:
+            picked = picked[mlm_valid.bool()]
+        return PretrainingOutput(self.decoder(self.head(picked), self.input_embeddings.weight), None)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference (call .eval() first): MLM logits [B, P, vocab_size] at `positions` [B, P], or
+        [B, L, vocab_size] when None. token_type_ids is ignored."""
+        hidden = self.model(input_ids, attention_mask)
+        if positions is not None:
+            hidden = gather_positions(hidden, positions)
+        return self.decoder(self.head(hidden), self.input_embeddings.weight)
+
+
+def _init_weights(model: ModernBertForPretraining, config: ModernBertConfig) -> None:
+    """transformers' ModernBERT init: truncated normals cut at +-2 std; std 0.02 for the embeddings, Wqkv and Wi,
+    0.02 / sqrt(2 * layers) for both Wo and the head's dense; LayerNorms 1 (biases 0), decoder bias 0.
+
+    The tied decoder keeps the embeddings' init (transformers skips re-initialising a tied weight), and the [PAD]
+    row is drawn like the rest (transformers' later ModernBERT init overwrites the zeroed row).
+    """
+    out_std = INIT_STD / math.sqrt(2.0 * config.layers)
+    stds = {"model.embeddings.tok_embeddings.weight": INIT_STD, "head.dense.weight": out_std}
+    for i in range(config.layers):
+        prefix = f"model.layers.{i}"
+        stds.update({f"{prefix}.attn.Wqkv.weight": INIT_STD, f"{prefix}.attn.Wo.weight": out_std,
+                     f"{prefix}.mlp.Wi.weight": INIT_STD, f"{prefix}.mlp.Wo.weight": out_std})
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in stds:
+                std = stds[name]
+                nn.init.trunc_normal_(param, std=std, a=-INIT_CUTOFF * std, b=INIT_CUTOFF * std)
+            elif name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name == "decoder.bias" or name.endswith("norm.bias"):
+                nn.init.zeros_(param)
+            else:
+                raise AssertionError(f"no init for {name}")
+
+
+def flops_per_token(config: ModernBertConfig, seq_len: int, predictions_per_row: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per input token, for MFU.
+
+    6 per matmul weight per token (Kaplan et al.): per layer 4 * hidden^2 for attention and 3 * hidden *
+    intermediate for the GeGLU. Attention scores and weighted sum add 12 * hidden per key a query sees: seq_len in
+    a global layer; in a local one the keys within local_attention // 2 positions, on average over the row (fewer at
+    its ends). The MLM head counts only at predictions_per_row of every seq_len tokens (None: at every token).
+    """
+    h = config.hidden
+    encoder = config.layers * (4 * h * h + 3 * h * config.intermediate)
+    head = h * h + config.padded_vocab_size * h
+    head_share = 1.0 if predictions_per_row is None else predictions_per_row / seq_len
+    radius = min(config.half_window, seq_len - 1)
+    # A band of half-width r in an L x L matrix: L * (2r + 1) entries less the two cut-off corners of r(r+1)/2.
+    local_keys = (seq_len * (2 * radius + 1) - radius * (radius + 1)) / seq_len
+    keys = sum(seq_len if config.is_global(i) else local_keys for i in range(config.layers))
+    return 6 * (encoder + head * head_share) + 12 * h * keys
