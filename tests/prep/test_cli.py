@@ -1,9 +1,8 @@
-"""The bertprep command line: the default flow, help with examples, and one clear line for every bad input."""
+"""The bertprep command line: the default flow, and one clear line for every bad input."""
 
 import json
 import shutil
 
-import pytest
 from click.testing import CliRunner
 
 from prep.cli import main
@@ -21,13 +20,6 @@ def assert_one_line_error(result, *fragments):
     assert "Traceback" not in result.stderr and result.exception is None or isinstance(result.exception, SystemExit)
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
-
-
-@pytest.mark.parametrize("command", ["vocab", "shard", "peek", "verify", "demo-corpus"])
-def test_every_command_has_help_with_an_example(command):
-    """`bertprep CMD --help` works and shows an example invocation."""
-    result = run(command, "--help")
-    assert result.exit_code == 0 and "Example:" in result.output and f"bertprep {command}" in result.output
 
 
 def test_vocab_then_shard_with_defaults(tmp_path, wiki_valid, monkeypatch):
