@@ -47,5 +47,5 @@ def banner(trainer: Trainer, source: str, resumed: Path | None) -> list[str]:
 def _masking(trainer: Trainer) -> str:
     tables = trainer.mask_tables
     if tables is None or tables.mask_prob is None:
-        return trainer.config.masking
+        return trainer.config.masking_mode
     return f"dynamic at {tables.mask_prob:.0%}"

@@ -7,20 +7,25 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from prep.errors import BertError
+from train.arch import ARCHS
 from train.masking import MASKING_MODES
 from train.model import NORMS, SIZES
 from train.options import check_choices, choice
 from train.runtime import DEVICES, PRECISIONS
 from train.schedule import SCHEDULES
 
-ARCHS = ("bert", "modernbert")
 
 # Peak learning rates that train each size untuned at a few hundred rows per step; pre-LN takes about twice the
-# post-LN rate (Xiong et al., 2020). Larger models need smaller steps.
+# post-LN rate (Xiong et al., 2020), and ModernBERT (pre-norm) is measured in docs/benchmarks.md. Larger models need
+# smaller steps.
 DEFAULT_LR = {
     "post": {"tiny": 1e-3, "mini": 7e-4, "small": 5e-4, "medium": 3e-4, "base": 1e-4, "large": 5e-5},
     "pre": {"tiny": 2e-3, "mini": 1.4e-3, "small": 1e-3, "medium": 6e-4, "base": 2e-4, "large": 1e-4},
+    "modernbert": {"tiny": 2e-3, "mini": 1.4e-3, "small": 1e-3, "medium": 6e-4, "base": 2e-4, "large": 1e-4},
 }
+# The modern recipe (MosaicBERT, ModernBERT): no dropout, 30% of the tokens masked, drawn afresh every step.
+MODERN_DROPOUT = 0.0
+MODERN_MASK_PROB = 0.3
 WARMUP_SHARE = 0.06  # of the planned steps, as RoBERTa; capped so that long runs are not mostly warm-up
 WARMUP_CAP = 10_000
 MIN_LR_SHARE = 0.1  # the default --min-lr, as a share of --lr
@@ -48,15 +53,18 @@ class TrainConfig:
     ffn: int | None = None
     """Feed-forward width, overriding the size."""
     dropout: float | None = None
-    """Dropout on embeddings, residual branches and attention; default 0.1, or 0 with --overfit-batch."""
+    """Dropout on embeddings, residual branches and attention; default 0.1 for bert, 0 for modernbert and with
+    --overfit-batch."""
     norm: str = choice("post", NORMS)
     """LayerNorm placement of --arch bert: post (BERT) or pre."""
     max_positions: int | None = None
     """Size of the position table; default 512, or the shards' max_len when longer."""
-    masking: str = choice("static", MASKING_MODES)
-    """static: the shards' masks; dynamic: fresh masks on the device every step."""
+    masking: str | None = choice(None, MASKING_MODES)
+    """static: the shards' masks; dynamic: fresh masks on the device every step; default static for bert, dynamic
+    for modernbert."""
     mask_prob: float | None = None
-    """With --masking dynamic: share of the tokens to mask; default the shards' own rate."""
+    """With dynamic masking: share of the tokens to mask; default the shards' own rate for bert, 0.3 for
+    modernbert."""
     batch_size: int = 32
     """Rows per process per micro-step."""
     grad_accum: int = 1
@@ -133,7 +141,7 @@ class TrainConfig:
             raise BertError("--resume restores everything from the run itself: drop --init-from")
         if self.resume and not self.run_dir:
             raise BertError("--resume needs the run to continue: pass --run-dir DIR")
-        if self.mask_prob is not None and self.masking != "dynamic":
+        if self.mask_prob is not None and self.masking_mode != "dynamic":
             raise BertError("--mask-prob re-masks the shards at another rate: it needs --masking dynamic")
         if self.overfit_batch and self.masking == "dynamic":
             raise BertError("--overfit-batch needs the same masks every step: use --masking static")
@@ -141,8 +149,27 @@ class TrainConfig:
             raise BertError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
 
     @property
+    def modern(self) -> bool:
+        return self.arch == "modernbert"
+
+    @property
+    def masking_mode(self) -> str:
+        if self.masking is not None:
+            return self.masking
+        return "dynamic" if self.modern and not self.overfit_batch else "static"
+
+    @property
+    def dynamic_mask_prob(self) -> float | None:
+        """The rate of dynamic masks; None keeps the shards' own."""
+        if self.mask_prob is not None or self.masking_mode != "dynamic":
+            return self.mask_prob
+        return MODERN_MASK_PROB if self.modern else None
+
+    @property
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.norm][self.size]
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LR["modernbert" if self.modern else self.norm][self.size]
 
     @property
     def final_lr(self) -> float:
@@ -152,13 +179,15 @@ class TrainConfig:
     def model_dropout(self) -> float:
         if self.dropout is not None:
             return self.dropout
-        return 0.0 if self.overfit_batch else 0.1
+        return 0.0 if self.overfit_batch else MODERN_DROPOUT if self.modern else 0.1
 
     def model_overrides(self) -> dict:
         """The ModelConfig fields this config sets (the size gives the rest)."""
         fields = {"layers": self.layers, "hidden": self.hidden, "heads": self.heads, "ffn": self.ffn}
         overrides = {k: v for k, v in fields.items() if v is not None}
         dropout = self.model_dropout
+        if self.modern:
+            return {**overrides, "dropout": dropout, "attention_dropout": dropout}
         return {**overrides, "norm": self.norm, "dropout": dropout, "attention_dropout": dropout}
 
     def planned_steps(self, steps_per_epoch: int) -> int:

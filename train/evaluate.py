@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from prep.errors import BertError
 from prep.shards import Split, open_dataset
 from prep.wordpiece import Vocab
 from train import checkpoint as ckpt
 from train.batches import eval_batches, eval_slices
-from train.model import BertForPretraining, ModelConfig
+from train.arch import model_config_from_dict, new_model
 from train.rundir import CONFIG_FILE, load_run_config
 from train.runtime import Runtime, all_reduce, resolve_device, resolve_precision
 from train.sources import check_dataset
@@ -37,7 +38,7 @@ def unigram_log_probs(split: Split, vocab_size: int, pad_id: int, max_rows: int 
 
 
 @torch.no_grad()
-def evaluate(model: BertForPretraining, split: Split, runtime: Runtime, batch_rows: int = 64,
+def evaluate(model: nn.Module, split: Split, runtime: Runtime, batch_rows: int = 64,
              max_rows: int | None = None, unigram: torch.Tensor | None = None, samples: int = 0,
              tokens: list[str] | None = None, mask_id: int | None = None) -> dict:
     """Masked-LM loss (nats per masked token), perplexity and accuracy on the first `max_rows` rows of `split`,
@@ -170,7 +171,7 @@ def eval_run(run_dir: Path, shards: Path | None = None, split: str = "val", chec
     if shards is None:
         shards = Path(info["shards"]) if "shards" in info else Path(load_run_config(run_dir).shards)
     dataset = open_dataset(Path(shards))
-    model_config = ModelConfig.from_dict(ckpt.load_model_config(checkpoint))
+    model_config = model_config_from_dict(ckpt.load_model_config(checkpoint))
     check_dataset(dataset, model_config, info.get("vocab_sha256"), f"checkpoint {checkpoint}")
     target = dataset.split(split)
     if target.rows == 0:
@@ -179,7 +180,7 @@ def eval_run(run_dir: Path, shards: Path | None = None, split: str = "val", chec
     if precision is None:
         precision = load_run_config(run_dir).precision if (run_dir / CONFIG_FILE).is_file() else "auto"
     runtime = Runtime(dev, precision=resolve_precision(precision, dev))
-    model = BertForPretraining(model_config)
+    model = new_model(model_config)
     model.load_state_dict(ckpt.load_weights(checkpoint))
     model.to(dev)
     tokens = Vocab.load(dataset.vocab_file).tokens if samples else None

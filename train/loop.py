@@ -23,6 +23,7 @@ from prep.masking import derive_key
 from prep.shards import Dataset, Split, open_dataset
 from prep.wordpiece import Vocab
 from train import checkpoint as ckpt
+from train.arch import new_model
 from train.banner import banner, run_record
 from train.batches import BatchLayout, BatchOrder, BatchStream
 from train.config import TrainConfig
@@ -31,7 +32,6 @@ from train.evaluate import EVAL_KEYS, evaluate, format_eval, unigram_log_probs
 from train.masking import DeviceMaskTables, mask_draws, remask
 from train.metrics import (TENSORBOARD_DIR, BarSink, JsonlSink, MetricsWriter, Sink,
                            require_tensorboard, tensorboard_sink)
-from train.model import BertForPretraining
 from train.optim import make_optimizer
 from train.rundir import METRICS_FILE, prepare_run_dir, write_run_files
 from train.runtime import Runtime, all_reduce, log, on_main, setup, teardown
@@ -51,7 +51,7 @@ class Trainer:
     config: TrainConfig
     runtime: Runtime
     dataset: Dataset
-    model: BertForPretraining
+    model: nn.Module
     """The bare model (not wrapped); its weights are what checkpoints hold."""
     forward_model: nn.Module
     """What training steps call: the model, DDP-wrapped and/or compiled."""
@@ -110,7 +110,7 @@ def build(config: TrainConfig, runtime: Runtime) -> Trainer:
 
     # The model, its optimizer and the learning-rate plan.
     torch.manual_seed(config.seed)
-    model = BertForPretraining(model_config)
+    model = new_model(model_config)
     if source.weights is not None:
         missing, unexpected = model.load_state_dict(source.weights, strict=False)
         fresh_heads = ("pooler.", "nsp_head.")  # an NSP head new to a model from --init-from starts untrained
@@ -130,10 +130,10 @@ def build(config: TrainConfig, runtime: Runtime) -> Trainer:
     # Masks drawn on the device, when dynamic.
     vocab = Vocab.load(dataset.vocab_file)
     mask_tables = None
-    if config.masking == "dynamic":
+    if config.masking_mode == "dynamic":
         mask_tables = DeviceMaskTables.build(vocab.is_special, vocab.is_continuation, vocab.special.mask,
                                              vocab.special.pad, bool(dataset.manifest["options"].get("whole_word")),
-                                             runtime.device, mask_prob=config.mask_prob)
+                                             runtime.device, mask_prob=config.dynamic_mask_prob)
 
     # How the model runs: wrapped for several processes, compiled on request.
     forward_model: nn.Module = model

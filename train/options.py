@@ -20,8 +20,9 @@ import click
 _FLAG_SUFFIX = re.compile(r"\s*\((--[a-z0-9-]+)\)(\.?)\s*$")
 
 
-def choice(default: str, choices: typing.Sequence[str]):
-    """A dataclass field whose value must be one of `choices` (the command line offers them)."""
+def choice(default: str | None, choices: typing.Sequence[str]):
+    """A dataclass field whose value must be one of `choices` (the command line offers them); None, where it is
+    the default, means "derived from the other options"."""
     return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
 
 
@@ -32,7 +33,7 @@ def check_choices(config) -> None:
     for field in dataclasses.fields(config):
         choices = field.metadata.get("choices")
         value = getattr(config, field.name)
-        if choices is not None and value not in choices:
+        if choices is not None and value is not None and value not in choices:
             raise BertError(f"{flag_of(type(config), field.name)} must be one of {', '.join(choices)}, "
                             f"got {value!r}")
 

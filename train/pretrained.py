@@ -15,14 +15,16 @@ from prep.wordpiece import Vocab
 from train import checkpoint as ckpt
 from train.hf.files import (EXPORT_RECORD_FILE, hf_lowercase, hf_model_max_length, is_hf_dir, load_hf_dir,
                             read_json)
-from train.model import BertForPretraining, ModelConfig
+from train.arch import model_config_from_dict, new_model
+from train.model import ModelConfig
+from train.modernbert import ModernBertConfig
 
 
 @dataclass(frozen=True)
 class Pretrained:
     """Weights of a trained BERT (our parameter names) with the vocabulary its token ids refer to."""
 
-    config: ModelConfig
+    config: ModelConfig | ModernBertConfig
     state: dict[str, torch.Tensor]
     vocab_file: Path
     lowercase: bool
@@ -45,9 +47,9 @@ class Pretrained:
         """Our tokenizer for the vocabulary (WordPiece, or SentencePiece when spm.model lies beside vocab.txt)."""
         return load_tokenizer(self.vocab_file, lowercase=self.lowercase)
 
-    def model(self, device: torch.device | str = "cpu") -> BertForPretraining:
-        """A BertForPretraining holding the weights, in eval mode, on `device`."""
-        model = BertForPretraining(self.config)
+    def model(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """The pretraining model of its architecture holding the weights, in eval mode, on `device`."""
+        model = new_model(self.config)
         model.load_state_dict(self.state)
         return model.to(device).eval()
 
@@ -81,7 +83,7 @@ def load_pretrained(source: Path, checkpoint: Path | None = None, vocab: Path | 
     else:
         where = ckpt.resolve_checkpoint(source, "--run")
     info = ckpt.read_info(where)
-    config = ModelConfig.from_dict(ckpt.load_model_config(where))
+    config = model_config_from_dict(ckpt.load_model_config(where))
     state = {_bare_name(k): v for k, v in ckpt.load_weights(where).items()}
     sha256 = info.get("vocab_sha256")
     if vocab is not None:

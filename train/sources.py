@@ -13,14 +13,16 @@ from prep.shards import FORMAT_VERSION, Dataset, file_sha256
 from train import checkpoint as ckpt
 from train.config import TrainConfig
 from train.hf.files import is_hf_dir, load_hf_dir
+from train.arch import arch_of, config_for_size, model_config_from_dict
 from train.model import ModelConfig
+from train.modernbert import ModernBertConfig
 
 
 @dataclass(frozen=True)
 class ModelSource:
     """The model a run starts from."""
 
-    config: ModelConfig
+    config: ModelConfig | ModernBertConfig
     weights: dict | None
     """Initial weights, or None for a fresh initialisation."""
     name: str
@@ -65,33 +67,52 @@ def grow_positions(state: dict, model_config: ModelConfig, max_positions: int) -
 
 
 def initial_model(config: TrainConfig, dataset: Dataset) -> ModelSource:
-    """The model a new run starts from: --init-from's weights (grown to the shards' row length), or a fresh --size."""
+    """The model a new run starts from: --init-from's weights (BERT's position table grown to the shards' row
+    length), or a fresh --size of --arch."""
     vocab, nsp = dataset.vocab, dataset.has_nsp
+    if nsp and config.modern:
+        raise BertError(f"{dataset.path} has NSP labels, and --arch modernbert has no segments or NSP head: make "
+                        f"shards without --nsp")
     if config.init_from:
         path = Path(config.init_from)
-        if is_hf_dir(path):  # a published Hugging Face BERT: weights, config.json and vocab.txt
+        if is_hf_dir(path):  # a published Hugging Face model: weights, config.json and its vocabulary
             saved, state, vocab_file = load_hf_dir(path)
             source, vocab_sha256 = path, file_sha256(vocab_file)
         else:
             source = ckpt.resolve_checkpoint(path)
-            saved = ModelConfig.from_dict(ckpt.load_model_config(source))
+            saved = model_config_from_dict(ckpt.load_model_config(source))
             state = ckpt.load_weights(source)
             vocab_sha256 = ckpt.read_info(source).get("vocab_sha256")
-        dropout = config.model_dropout
-        fields = {**saved.as_dict(), "dropout": dropout, "attention_dropout": dropout, "nsp": nsp}
-        model_config = ModelConfig.from_dict(fields)
-        if not nsp:
-            state = {k: v for k, v in state.items() if not k.startswith(("pooler.", "nsp_head."))}
-        if dataset.max_len > model_config.max_positions:
-            state, model_config = grow_positions(state, model_config, dataset.max_len)
-        return ModelSource(model_config, state, f"--init-from {source}", vocab_sha256)
+        if arch_of(saved) != config.arch:
+            raise BertError(f"--init-from {source} holds a {arch_of(saved)} model: pass --arch {arch_of(saved)}")
+        return _continued(config, dataset, saved, state, f"--init-from {source}", vocab_sha256)
     max_positions = config.max_positions or max(512, dataset.max_len)
-    model_config = ModelConfig.from_size(config.size, int(vocab["size"]), pad_id=int(vocab["special"]["pad"]),
-                                         nsp=nsp, max_positions=max_positions, **config.model_overrides())
+    fields = dict(pad_id=int(vocab["special"]["pad"]), max_positions=max_positions, **config.model_overrides())
+    if not config.modern:
+        fields["nsp"] = nsp
+    model_config = config_for_size(config.arch, config.size, int(vocab["size"]), **fields)
     return ModelSource(model_config, None, f"--size {config.size}", None)
+
+
+def _continued(config: TrainConfig, dataset: Dataset, saved, state: dict, name: str,
+               vocab_sha256: str | None) -> ModelSource:
+    """The weights of another run or model, with this run's dropout, heads and row length."""
+    dropout = config.model_dropout
+    if config.modern:  # rotary positions need no table: the longest row is only a number
+        fields = {"embedding_dropout": dropout, "mlp_dropout": dropout, "attention_dropout": dropout,
+                  "max_positions": max(saved.max_positions, dataset.max_len)}
+        return ModelSource(type(saved).from_dict({**saved.as_dict(), **fields}), state, name, vocab_sha256)
+    nsp = dataset.has_nsp
+    model_config = ModelConfig.from_dict({**saved.as_dict(), "dropout": dropout, "attention_dropout": dropout,
+                                          "nsp": nsp})
+    if not nsp:
+        state = {k: v for k, v in state.items() if not k.startswith(("pooler.", "nsp_head."))}
+    if dataset.max_len > model_config.max_positions:
+        state, model_config = grow_positions(state, model_config, dataset.max_len)
+    return ModelSource(model_config, state, name, vocab_sha256)
 
 
 def resumed_model(run_dir: Path, checkpoint: Path) -> ModelSource:
     """The model of a run being resumed: its checkpoint's config and weights."""
-    return ModelSource(ModelConfig.from_dict(ckpt.load_model_config(checkpoint)), ckpt.load_weights(checkpoint),
+    return ModelSource(model_config_from_dict(ckpt.load_model_config(checkpoint)), ckpt.load_weights(checkpoint),
                        f"run {run_dir}", ckpt.read_info(checkpoint).get("vocab_sha256"))

@@ -19,14 +19,13 @@ def _records(run_dir):
     return [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
 
 
-
-
-def test_two_processes_of_8_rows_match_one_process_of_16_and_resume_under_torchrun(wiki_shards, tmp_path):
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_two_processes_of_8_rows_match_one_process_of_16_and_resume_under_torchrun(wiki_shards, tmp_path, arch):
     """A run stopped at step 4 by one process of 16 rows is resumed by `torchrun` with two gloo processes of 8
     rows each: steps 5-8 and the final validation equal those of one process running 8 steps straight (dropout 0,
     fp32; dynamic masks, which are drawn per global batch, included). Only rank 0 writes. The data path makes
     tensors over read-only maps without copying and without torch's non-writable warning."""
-    options = dict(shards=str(wiki_shards), size="tiny", layers=1, hidden=64, dropout=0.0, masking="dynamic",
+    options = dict(shards=str(wiki_shards), arch=arch, size="tiny", layers=1, hidden=64, dropout=0.0, masking="dynamic",
                    steps=8, batch_size=16, precision="fp32", device="cpu", log_every=1, eval_every=8,
                    eval_rows=256, save_every=4, seed=11)
     straight = run(TrainConfig(run_dir=str(tmp_path / "straight"), **options), progress=False)

@@ -15,10 +15,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from prep.errors import BertError
-from train.hf import bert
+from train.hf import bert, modernbert
 
-MAPPINGS: dict[str, ModuleType] = {"bert": bert}
-"""transformers' `model_type` -> the module mapping that architecture onto ours."""
+MAPPINGS: dict[str, ModuleType] = {"bert": bert, "modernbert": modernbert}
+"""transformers' `model_type` -> the module mapping that architecture onto ours (the same names as --arch)."""
 
 
 def mapping_for(model_type: str | None) -> ModuleType:
