@@ -26,11 +26,11 @@ from torch import nn
 
 from prep.errors import BertError
 from train.pretrained import Pretrained, load_pretrained
+from train.arch import arch_of, model_config_from_dict, new_model
 from train.optim import make_optimizer
 from train.options import check_choices, choice
 from train.runtime import DEVICES, keep_freed_memory, resolve_device
 from train.schedule import lr_at
-from train.model import BertForPretraining, BertModel, ModelConfig
 
 MODEL_FILE = "model.pt"  # the classifier's state dict, best epoch
 RECORD_FILE = "finetune.json"  # options, model config, labels, per-epoch metrics, test scores; written last
@@ -286,17 +286,23 @@ def _batch(encoded: Encoded, index: np.ndarray, pad_id: int, device: torch.devic
 
 # --- model ----------------------------------------------------------------------------------------------------
 
-class BertClassifier(nn.Module):
-    """BERT's sequence classifier: encoder -> [CLS] -> pooler (dense + tanh) -> dropout -> linear."""
+class Classifier(nn.Module):
+    """BERT's sequence classifier, on the encoder of either architecture: encoder -> [CLS] -> pooler (dense +
+    tanh) -> dropout -> linear."""
 
-    def __init__(self, config: ModelConfig, num_labels: int, encoder: BertModel | None = None,
-                 pooler: nn.Linear | None = None):
+    def __init__(self, config, num_labels: int, encoder: nn.Module, dropout: float, pooler: nn.Linear | None = None):
         super().__init__()
         self.config = config
-        self.encoder = encoder if encoder is not None else BertModel(config)
+        self.encoder = encoder
         self.pooler = pooler if pooler is not None else _normal_linear(config.hidden, config.hidden)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(dropout)
         self.classifier = _normal_linear(config.hidden, num_labels)
+
+    @classmethod
+    def for_record(cls, record: dict) -> Classifier:
+        """An untrained classifier of the shape a finetune.json records, for loading its model.pt into."""
+        config = model_config_from_dict(record["model"])
+        return cls(config, record["num_labels"], new_model(config).encoder, dropout=0.0)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -313,17 +319,18 @@ def _normal_linear(fan_in: int, fan_out: int) -> nn.Linear:
 
 
 def build_classifier(pretrained: Pretrained, num_labels: int, dropout: float, from_scratch: bool,
-                     seed: int) -> BertClassifier:
+                     seed: int) -> Classifier:
     """The classifier on the pretrained encoder (and pooler, when the model has the NSP head), or on freshly
     initialised weights of the same shape with `from_scratch`. New layers are drawn from `seed`."""
-    config = ModelConfig.from_dict({**pretrained.config.as_dict(), "dropout": dropout,
-                                    "attention_dropout": dropout})
+    names = (("embedding_dropout", "mlp_dropout", "attention_dropout") if arch_of(pretrained.config) == "modernbert"
+             else ("dropout", "attention_dropout"))
+    config = type(pretrained.config).from_dict({**pretrained.config.as_dict(), **dict.fromkeys(names, dropout)})
     torch.manual_seed(seed)
-    base = BertForPretraining(config)  # BERT's initialisation: the from-scratch weights
+    base = new_model(config)  # the architecture's own initialisation: the from-scratch weights
     if not from_scratch:
         base.load_state_dict(pretrained.state)
     pooler = base.pooler if config.nsp and not from_scratch else None
-    return BertClassifier(config, num_labels, encoder=base.encoder, pooler=pooler)
+    return Classifier(config, num_labels, base.encoder, dropout, pooler=pooler)
 
 
 # --- fit ------------------------------------------------------------------------------------------------------
@@ -342,7 +349,7 @@ def scores(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict:
 
 
 @torch.no_grad()
-def predict_logits(model: BertClassifier, encoded: Encoded, batch_size: int, device: torch.device) -> torch.Tensor:
+def predict_logits(model: Classifier, encoded: Encoded, batch_size: int, device: torch.device) -> torch.Tensor:
     """Logits [N, num_labels] of every example, in order (eval mode, float32, on the CPU)."""
     was_training = model.training
     model.eval()

@@ -8,7 +8,7 @@ mlm_loss, mlm_acc, ppl, mask_acc, nsp_acc, baselines, rows, masked). Rank 0 buil
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import re
@@ -101,10 +101,9 @@ class TensorBoardSink(Sink):
     """
 
     def __init__(self, log_dir: Path, start_step: int = 0):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            raise BertError(MISSING_TENSORBOARD) from error
+        require_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+
         # A new run writes its session start too: TensorBoard's server purges on every start but the first it reads.
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1)
 
@@ -124,9 +123,12 @@ class TensorBoardSink(Sink):
 
 
 def require_tensorboard() -> None:
-    """Raises the one-line BertError that says how to install tensorboard, when it is missing."""
-    if importlib.util.find_spec("tensorboard") is None:
-        raise BertError(MISSING_TENSORBOARD)
+    """Raises the one-line BertError that says how to install tensorboard, when torch cannot import it (missing,
+    or too old for torch). Creates nothing."""
+    try:
+        importlib.import_module("torch.utils.tensorboard")  # imports tensorboard and checks its version
+    except ImportError as error:
+        raise BertError(MISSING_TENSORBOARD) from error
 
 
 def tensorboard_sink(log_dir: Path, start_step: int = 0) -> TensorBoardSink:

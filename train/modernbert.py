@@ -288,9 +288,11 @@ class ModernBertModel(nn.Module):
         self.global_rotary = Rotary(config.head_dim, config.global_rope_theta)
         self.local_rotary = Rotary(config.head_dim, config.local_rope_theta)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, L] of any integer dtype (uint16 shards are widened here, once, on the device);
-        attention_mask [B, L] (true/1 = real token) defaults to input_ids != pad_id."""
+        token_type_ids is ignored (there are no segments), as BertModel's call shape has it; attention_mask [B, L]
+        (true/1 = real token) defaults to input_ids != pad_id."""
         length = input_ids.shape[1]
         if length > self.config.max_positions:
             raise BertError(f"rows of {length} tokens exceed the model's --max-positions {self.config.max_positions}")
@@ -355,6 +357,11 @@ class ModernBertForPretraining(nn.Module):
         _init_weights(self, config)
 
     @property
+    def encoder(self) -> ModernBertModel:
+        """The encoder, under the name BERT's has (fine-tuning builds on it)."""
+        return self.model
+
+    @property
     def input_embeddings(self) -> nn.Embedding:
         """The token embedding table, which is also the decoder's weight."""
         return self.model.embeddings.tok_embeddings
@@ -368,7 +375,7 @@ class ModernBertForPretraining(nn.Module):
         logits are [B, P, vocab_size] for every slot, padded ones included; with `mlm_valid` bool [B, P] they are
         [N, vocab_size] for the N true slots in row-major order (one host-device sync).
         """
-        picked = gather_positions(self.model(input_ids, attention_mask), mlm_positions)
+        picked = gather_positions(self.model(input_ids, attention_mask=attention_mask), mlm_positions)
         if mlm_valid is not None:
             picked = picked[mlm_valid.bool()]
         return PretrainingOutput(self.decoder(self.head(picked), self.input_embeddings.weight), None)
@@ -379,7 +386,7 @@ class ModernBertForPretraining(nn.Module):
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Inference (call .eval() first): MLM logits [B, P, vocab_size] at `positions` [B, P], or
         [B, L, vocab_size] when None. token_type_ids is ignored."""
-        hidden = self.model(input_ids, attention_mask)
+        hidden = self.model(input_ids, attention_mask=attention_mask)
         if positions is not None:
             hidden = gather_positions(hidden, positions)
         return self.decoder(self.head(hidden), self.input_embeddings.weight)

@@ -12,9 +12,8 @@ from click.testing import CliRunner
 
 from prep.errors import BertError
 from train.pretrained import load_pretrained
-from train.finetune import (MODEL_FILE, PREDICTIONS_FILE, RECORD_FILE, BertClassifier, Examples, FinetuneConfig,
+from train.finetune import (MODEL_FILE, PREDICTIONS_FILE, RECORD_FILE, Classifier, Examples, FinetuneConfig,
                             encode_examples, finetune, label_set, predict_logits, read_examples, scores)
-from train.model import ModelConfig
 
 REPLACED_WORDS = 3
 
@@ -110,8 +109,7 @@ def test_the_saved_model_is_the_best_epoch_and_labels_files(pretrained_run, corr
     assert re.search(rf"best epoch {best['epoch']} of 3: epoch {best['epoch']} \(step {best['step']}\)", result.stdout)
     assert f"test: loss {record['test']['loss']:.4f}  acc {best['val_acc']:.4f}" in result.stdout
 
-    config = ModelConfig.from_dict(record["model"])
-    model = BertClassifier(config, record["num_labels"])
+    model = Classifier.for_record(record)
     model.load_state_dict(torch.load(out / MODEL_FILE, weights_only=True))
     pretrained = load_pretrained(pretrained_run)
     labels = record["labels"]

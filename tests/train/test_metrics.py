@@ -31,7 +31,8 @@ VAL_30 = {"step": 30, "split": "val", "mlm_loss": 4.5, "mlm_acc": 0.375, "ppl": 
           "mask_baseline_acc": 0.05}
 SAMPLES = ["  Input Tokens:     [CLS] return the [MASK] [SEP]\n  Target Tokens:    list\n"
            "  Predicted Tokens: list (0.50) value (0.10) ``` (0.05)",
-           "  Input Tokens:     [CLS] a [MASK] [SEP]\n  Target Tokens:    b\n  Predicted Tokens: b (0.90) c (0.05) d (0.01)"]
+           "  Input Tokens:     [CLS] a [MASK] [SEP]\n  Target Tokens:    b\n"
+           "  Predicted Tokens: b (0.90) c (0.05) d (0.01)"]
 
 
 def _events(log_dir: Path) -> EventAccumulator:
@@ -143,8 +144,8 @@ def test_resume_drops_events_after_the_resumed_step(tmp_path):
 
 def test_missing_tensorboard_is_a_user_error_before_any_directory(tmp_path):
     """Without the tensorboard package (refused by an import hook in a fresh interpreter, as if not installed),
-    asking for the sink says how to install it, and leaves no empty directory behind; the module itself still
-    imports, so runs without --tensorboard are unaffected."""
+    both the early check and the sink say how to install it, and leave no empty directory behind; the module
+    itself still imports, so runs without --tensorboard are unaffected."""
     log_dir = tmp_path / "run" / TENSORBOARD_DIR
     script = f"""
 import sys
@@ -154,15 +155,16 @@ class RefuseTensorBoard:
             raise ModuleNotFoundError(f"No module named {{name!r}}")
 sys.meta_path.insert(0, RefuseTensorBoard())
 from prep.errors import BertError
-from train.metrics import tensorboard_sink
-try:
-    tensorboard_sink({str(log_dir)!r})
-except BertError as error:
-    print(error)
+from train.metrics import require_tensorboard, tensorboard_sink
+for check in (require_tensorboard, lambda: tensorboard_sink({str(log_dir)!r})):
+    try:
+        check()
+    except BertError as error:
+        print(error)
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "--tensorboard needs the tensorboard package: pip install 'bertprep[tensorboard]'\n"
+    assert done.stdout == "--tensorboard needs the tensorboard package: pip install 'bertprep[tensorboard]'\n" * 2
     assert not (tmp_path / "run").exists()
 
 

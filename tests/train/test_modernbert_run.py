@@ -106,3 +106,25 @@ def test_nsp_shards_are_refused_with_a_clear_message(tmp_path, vocab_dir, wiki_v
     assert result.exit_code == 1
     assert "--arch modernbert has no segments or NSP head: make shards without --nsp" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_finetune_builds_on_the_modernbert_encoder(modern_run, tmp_path):
+    """`berttrain finetune` on a ModernBERT run: the classifier's encoder carries the pretrained weights, and the
+    saved model reloads (Classifier.for_record) to the same validation scores."""
+    from train.finetune import (MODEL_FILE, RECORD_FILE, Classifier, FinetuneConfig, encode_examples, finetune,
+                                predict_logits, read_examples, scores)
+
+    rows = [("the album was released in 2010 .", "a"), ("he played for the club .", "b")] * 16
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows), encoding="utf-8")
+    summary = finetune(FinetuneConfig(source=str(modern_run), train=str(data), val=str(data),
+                                      out_dir=str(tmp_path / "ft"), epochs=1, batch_size=8, max_len=16,
+                                      device="cpu", patience=0), progress=False)
+    record = json.loads((tmp_path / "ft" / RECORD_FILE).read_text())
+    assert record["model"]["arch"] == "modernbert"
+    model = Classifier.for_record(record)
+    model.load_state_dict(torch.load(tmp_path / "ft" / MODEL_FILE, weights_only=True))
+    pretrained = load_pretrained(modern_run)
+    encoded = encode_examples(read_examples(data), pretrained.tokenizer(), 16, record["labels"])
+    again = scores(predict_logits(model, encoded, 8, torch.device("cpu")), torch.from_numpy(encoded.label_ids), 2)
+    assert again["acc"] == pytest.approx(summary["best"]["val_acc"])
