@@ -261,10 +261,10 @@ def test_export_is_checked_against_transformers_own_model(pretrained_run, tmp_pa
     """The names and shapes written are compared with transformers' BertForMaskedLM built from the config.json
     written beside them: a config that disagrees with the weights (here a wrong intermediate_size) stops the export
     instead of producing a directory that transformers would half re-initialise."""
-    import train.hf.export
+    import train.hf.bert
 
-    real = train.hf.export.hf_config_dict
-    monkeypatch.setattr(train.hf.export, "hf_config_dict", lambda config: {**real(config), "intermediate_size": 100})
+    real = train.hf.bert.hf_config_dict
+    monkeypatch.setattr(train.hf.bert, "hf_config_dict", lambda config: {**real(config), "intermediate_size": 100})
     with pytest.raises(BertError, match=r"does not match transformers .*wrong shape \['bert.encoder.layer.0"):
         export_hf(pretrained_run, tmp_path / "out")
     assert not (tmp_path / "out").exists()

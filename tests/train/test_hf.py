@@ -17,7 +17,8 @@ def test_registry_maps_bert_and_names_what_it_reads_for_anything_else():
     assert mapping_for("bert") is bert and MAPPINGS["bert"] is bert
     with pytest.raises(BertError) as err:
         mapping_for("gpt2")
-    assert str(err.value) == "Hugging Face model_type 'gpt2' has no mapping in berttrain; it reads 'bert'"
+    assert str(err.value) == ("Hugging Face model_type 'gpt2' has no mapping in berttrain; it reads 'bert', "
+                              "'modernbert'")
 
 
 @pytest.mark.parametrize("nsp", [False, True])
@@ -37,7 +38,8 @@ def test_unknown_architecture_or_unsupported_bert_is_refused_with_its_path(tmp_p
     (tmp_path / "config.json").write_text(json.dumps({**hf_config_dict(config), "model_type": "gpt2"}))
     with pytest.raises(BertError) as err:
         load_hf_dir(tmp_path)
-    assert str(err.value) == f"{tmp_path}: Hugging Face model_type 'gpt2' has no mapping in berttrain; it reads 'bert'"
+    assert str(err.value) == (f"{tmp_path}: Hugging Face model_type 'gpt2' has no mapping in berttrain; it reads "
+                              f"'bert', 'modernbert'")
     (tmp_path / "config.json").write_text(json.dumps({**hf_config_dict(config), "hidden_act": "relu"}))
     with pytest.raises(BertError) as err:
         load_hf_dir(tmp_path)

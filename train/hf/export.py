@@ -45,7 +45,7 @@ def export_hf(source: Path, out_dir: Path, checkpoint: Path | None = None, vocab
         raise BertError(f"{pretrained.source} is a pre-LN model (--norm pre): transformers' BERT is post-LN, so "
                         f"it has no BertForMaskedLM equivalent; export needs a run trained with --norm post")
     vocab_obj = pretrained.vocab
-    if Vocab.sentencepiece_style(vocab_obj.tokens):
+    if pretrained.vocab_file.suffix != ".json" and Vocab.sentencepiece_style(vocab_obj.tokens):
         raise BertError(f"the vocabulary of {pretrained.source} is a SentencePiece one (unigram/bpe), which "
                         f"transformers' BertTokenizer cannot read; export needs a WordPiece vocabulary")
     hf_state = mapping.to_hf_state_dict(pretrained.state, config)

@@ -46,10 +46,11 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def load_hf_dir(path: Path, require_mlm_head: bool = True) -> tuple[object, dict[str, torch.Tensor], Path]:
-    """(model config, state dict in our names, vocab.txt) of a Hugging Face model directory.
+    """(model config, state dict in our names, vocabulary file) of a Hugging Face model directory.
 
-    Reads config.json, the weights (model.safetensors, pytorch_model.bin, or their sharded indexes) and vocab.txt,
-    and maps them with the mapping of config.json's model_type. The config's vocab_size is vocab.txt's token count:
+    Reads config.json, the weights (model.safetensors, pytorch_model.bin, or their sharded indexes) and the
+    vocabulary (vocab.txt, else tokenizer.json), and maps them with the mapping of config.json's model_type. The
+    config's vocab_size is the vocabulary's token count:
     rows beyond it are dropped. For BERT it takes BertForMaskedLM and BertForPreTraining checkpoints (the NSP head
     comes along as config.nsp), legacy `gamma`/`beta` LayerNorm names and bare BertModel names; without a
     masked-LM head it raises BertError, unless `require_mlm_head` is false (fine-tuning), when the head starts
@@ -62,10 +63,10 @@ def load_hf_dir(path: Path, require_mlm_head: bool = True) -> tuple[object, dict
         config = mapping.config_from_hf(hf_config)
     except BertError as exc:
         raise BertError(f"{path}: {exc}") from None
-    vocab_file = path / VOCAB_FILE
-    if not vocab_file.is_file():
-        raise BertError(f"{path} has no {VOCAB_FILE}: berttrain needs the WordPiece vocabulary the model was "
-                        f"trained with")
+    vocab_file = next((path / name for name in (VOCAB_FILE, TOKENIZER_FILE) if (path / name).is_file()), None)
+    if vocab_file is None:
+        raise BertError(f"{path} has neither {VOCAB_FILE} nor {TOKENIZER_FILE}: berttrain needs the vocabulary the "
+                        f"model was trained with")
     vocab_tokens = len(Vocab.load(vocab_file))
     if vocab_tokens > config.vocab_size:
         raise BertError(f"{vocab_file} has {vocab_tokens} tokens but {path / HF_CONFIG_FILE} says vocab_size "
@@ -134,8 +135,12 @@ def write_hf_weights(out_dir: Path, weights: dict[str, torch.Tensor], weights_fo
 
 def write_tokenizer_files(out_dir: Path, vocab_file: Path, vocab: Vocab, lowercase: bool,
                           model_max_length: int) -> None:
-    """vocab.txt, special_tokens_map.json, tokenizer_config.json (BertTokenizer) and, when `tokenizers` is
-    installed, tokenizer.json: what transformers' tokenizers open with no code of ours."""
+    """What transformers' AutoTokenizer opens with no code of ours: for a WordPiece vocab.txt, vocab.txt,
+    special_tokens_map.json, tokenizer_config.json (BertTokenizer) and, when `tokenizers` is installed,
+    tokenizer.json; for a Hugging Face tokenizer.json, the file itself with the other two naming its specials."""
+    if vocab_file.suffix == ".json":
+        _write_tokenizer_json_files(out_dir, vocab_file, vocab, model_max_length)
+        return
     shutil.copyfile(vocab_file, out_dir / VOCAB_FILE)
     special = dict(zip(HF_SPECIAL_NAMES, SPECIAL_TOKENS))
     write_json(out_dir / SPECIAL_TOKENS_MAP_FILE, special)
@@ -150,6 +155,15 @@ def write_tokenizer_files(out_dir: Path, vocab_file: Path, vocab: Vocab, lowerca
     tokenizer_json = _tokenizer_json(vocab, lowercase)
     if tokenizer_json is not None:
         (out_dir / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+
+
+def _write_tokenizer_json_files(out_dir: Path, vocab_file: Path, vocab, model_max_length: int) -> None:
+    """tokenizer.json copied as it was imported, and the special tokens it was read with, by transformers' names."""
+    shutil.copyfile(vocab_file, out_dir / TOKENIZER_FILE)
+    special = {f"{role}_token": token for role, token in vocab.special_tokens.items() if token is not None}
+    write_json(out_dir / SPECIAL_TOKENS_MAP_FILE, special)
+    write_json(out_dir / TOKENIZER_CONFIG_FILE, {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                 "model_max_length": model_max_length, **special})
 
 
 def _tokenizer_json(vocab: Vocab, lowercase: bool) -> str | None:

@@ -92,6 +92,17 @@ def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor],
     return out
 
 
+def adapt_hf_state(hf_state: Mapping[str, torch.Tensor], config: ModernBertConfig, require_mlm_head: bool,
+                   where: str) -> tuple[ModernBertConfig, dict[str, torch.Tensor]]:
+    """Published ModernBERTs pad their vocabulary rows (50,368 for 50,280 tokens): the rows past the tokenizer's
+    `config.vocab_size`, which no token id reaches, are dropped."""
+    state = dict(hf_state)
+    for name in (*_VOCAB_ROWS, *HF_TIED_KEYS):
+        if name in state and state[name].shape[0] > config.vocab_size:
+            state[name] = state[name][: config.vocab_size]
+    return config, state
+
+
 def _check_keys(have: set[str], want: set[str], what: str) -> None:
     missing, unknown = sorted(want - have), sorted(have - want)
     if missing or unknown:
