@@ -53,10 +53,7 @@ def hf_export(tmp_path_factory, pretrained_run) -> Path:
 
 @pytest.fixture(scope="session")
 def cli():
-    """The `berttrain` group with this issue's commands, whether or not train/cli.py registers them yet."""
+    """The `berttrain` group."""
     from train.cli import main
-    from train.commands_use import register
 
-    if not {"predict", "export", "finetune", "report"} <= set(main.commands):
-        register(main)
     return main
