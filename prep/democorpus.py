@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+from prep.outputs import open_atomic
+
 # Test suites and IDLE are code-heavy and their docstrings describe tests; site-packages is not the stdlib;
 # encodings/ holds ~100 generated codecs that repeat one boilerplate docstring; turtledemo is demo scripts.
 _SKIP_DIRS = frozenset(
@@ -46,21 +48,16 @@ def write_demo_corpus(out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     documents = 0
     lines = 0
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for source in stdlib_sources():
-                paragraphs = module_paragraphs(source)
-                if not paragraphs:
-                    continue
-                if documents:
-                    f.write("\n")
-                f.write("\n".join(paragraphs) + "\n")
-                documents += 1
-                lines += len(paragraphs)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open_atomic(out, text=True) as f:
+        for source in stdlib_sources():
+            paragraphs = module_paragraphs(source)
+            if not paragraphs:
+                continue
+            if documents:
+                f.write("\n")
+            f.write("\n".join(paragraphs) + "\n")
+            documents += 1
+            lines += len(paragraphs)
     return {"documents": documents, "lines": lines, "bytes": out.stat().st_size}
 
 

@@ -14,7 +14,6 @@ specification; this module depends on numpy and msgpack only, so anyone can read
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import msgpack
 import numpy as np
 
 from prep.errors import BertError
+from prep.outputs import move_into_place, refuse_existing, remove, staging_dir, write_atomic
 
 FORMAT_NAME = "bertprep-shards"
 FORMAT_VERSION = 1
@@ -143,20 +143,17 @@ class DatasetWriter:
 
     def __init__(self, out_dir: Path, *, force: bool = False):
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not force:
-            raise BertError(f"output {self.out_dir} already exists: pass --force to replace it, or -o to write elsewhere")
-        self.partial_dir = self.out_dir.parent / f".{self.out_dir.name}.partial"
+        refuse_existing(self.out_dir, force, "pass --force to replace it, or -o to write elsewhere", noun="output",
+                        empty_dir_ok=False)
         self.force = force
 
     def __enter__(self) -> "DatasetWriter":
-        if self.partial_dir.exists():
-            shutil.rmtree(self.partial_dir)  # left by an interrupted run
-        self.partial_dir.mkdir(parents=True)
+        self.partial_dir = staging_dir(self.out_dir)  # clears one left by an interrupted run
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and self.partial_dir.exists():
-            shutil.rmtree(self.partial_dir, ignore_errors=True)
+        if exc_type is not None:
+            remove(self.partial_dir, ignore_errors=True)
 
     def split_writer(self, split: str, rows_per_shard: int) -> SplitWriter:
         return SplitWriter(self.partial_dir / split, rows_per_shard)
@@ -178,22 +175,10 @@ class DatasetWriter:
         """Writes the manifest (last, atomically) and moves the finished dataset to `out_dir`."""
         shutil.rmtree(self.partial_dir / "scratch", ignore_errors=True)
         manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **manifest}
-        tmp = self.partial_dir / (MANIFEST_NAME + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(msgpack.packb(manifest, use_bin_type=True))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.partial_dir / MANIFEST_NAME)
-        if self.out_dir.exists():
-            if not self.force:
-                raise BertError(f"output {self.out_dir} appeared while writing: pass --force to replace it")
-            old = self.out_dir.parent / f".{self.out_dir.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.out_dir, old)
-            os.replace(self.partial_dir, self.out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.partial_dir, self.out_dir)
+        write_atomic(self.partial_dir / MANIFEST_NAME, msgpack.packb(manifest, use_bin_type=True), fsync=True)
+        if self.out_dir.exists() and not self.force:
+            raise BertError(f"output {self.out_dir} appeared while writing: pass --force to replace it")
+        move_into_place(self.partial_dir, self.out_dir)
 
 
 def read_manifest(dataset_dir: Path) -> dict:

@@ -22,6 +22,7 @@ import sentencepiece
 from prep.corpus import input_record, iter_lines, sample_lines
 from prep.errors import BertError
 from prep.hf_tokenizer import KIND as HF_KIND, TOKENIZER_FILE, HfTokenizer, TokenizerJsonVocab, is_tokenizer_json
+from prep.outputs import write_atomic
 from prep.spm import SentencePieceTokenizer, normalize_for_sentencepiece
 from prep.textio import ReadStats
 from prep.wordpiece import (CONTINUATION_PREFIX, SENTENCEPIECE_MARKER, SPECIAL_TOKENS, Vocab, WordPieceTokenizer,
@@ -102,12 +103,12 @@ def train_vocab(lines: Iterable[str], out_dir: Path, config: VocabConfig, inputs
     out_dir.mkdir(parents=True, exist_ok=True)
     # Until the new record lands, the directory must not claim to hold a finished vocabulary.
     (out_dir / RECORD_FILE).unlink(missing_ok=True)
-    _write_atomic(out_dir / VOCAB_FILE, vocab_bytes)
+    write_atomic(out_dir / VOCAB_FILE, vocab_bytes)
     (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
     if model is None:
         (out_dir / MODEL_FILE).unlink(missing_ok=True)
     else:
-        _write_atomic(out_dir / MODEL_FILE, model)
+        write_atomic(out_dir / MODEL_FILE, model)
     vocab = Vocab.load(out_dir / VOCAB_FILE, lowercase=config.lowercase)
     record = {
         "format": RECORD_FORMAT,
@@ -122,7 +123,7 @@ def train_vocab(lines: Iterable[str], out_dir: Path, config: VocabConfig, inputs
         "vocab_sha256": vocab.sha256,
         "special": vocab.special.as_dict(),
     }
-    _write_atomic(out_dir / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    write_atomic(out_dir / RECORD_FILE, json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -146,7 +147,7 @@ def import_tokenizer(source: Path, out_dir: Path, force: bool = False) -> dict:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RECORD_FILE).unlink(missing_ok=True)
-    _write_atomic(out_dir / TOKENIZER_FILE, data)
+    write_atomic(out_dir / TOKENIZER_FILE, data)
     for stale in (VOCAB_FILE, MODEL_FILE):
         (out_dir / stale).unlink(missing_ok=True)
     record = {
@@ -166,7 +167,7 @@ def import_tokenizer(source: Path, out_dir: Path, force: bool = False) -> dict:
         "special_tokens": vocab.special_tokens,
         "continuation": vocab.continuation_rule,
     }
-    _write_atomic(out_dir / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    write_atomic(out_dir / RECORD_FILE, json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -273,16 +274,6 @@ def _train_sentencepiece(word_counts: collections.Counter, config: VocabConfig, 
 def _pieces(model: bytes) -> list[str]:
     processor = sentencepiece.SentencePieceProcessor(model_proto=model)
     return [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write under a temporary name in the same directory, then rename, so readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def load_vocab_record(path: Path) -> dict | None:

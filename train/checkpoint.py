@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from prep.errors import BertError
+from prep.outputs import remove, staged_dir, write_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_WEIGHTS_FILE = "model.pt"  # the model's state dict, nothing else: all that --init-from needs
@@ -56,9 +57,7 @@ def _fsync_write(path: Path, write) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _fsync_write(tmp, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True).encode()))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True), fsync=True)
 
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict, model_config: dict, training_state: dict,
@@ -67,16 +66,12 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, model_config: d
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    partial = root / f".{checkpoint_name(step)}.partial"
-    for stale in (partial, final):
-        if stale.exists():
-            shutil.rmtree(stale)
-    partial.mkdir()
-    _fsync_write(partial / MODEL_WEIGHTS_FILE, lambda f: torch.save(model_state, f))
-    _fsync_write(partial / TRAINING_STATE_FILE, lambda f: torch.save({KEY_STEP: step, **training_state}, f))
-    _write_json_atomic(partial / MODEL_CONFIG_FILE, model_config)
-    _write_json_atomic(partial / INFO_FILE, {"step": step, **info})
-    os.replace(partial, final)
+    remove(final)  # what an earlier save of this step left, complete or not
+    with staged_dir(final) as partial:
+        _fsync_write(partial / MODEL_WEIGHTS_FILE, lambda f: torch.save(model_state, f))
+        _fsync_write(partial / TRAINING_STATE_FILE, lambda f: torch.save({KEY_STEP: step, **training_state}, f))
+        _write_json_atomic(partial / MODEL_CONFIG_FILE, model_config)
+        _write_json_atomic(partial / INFO_FILE, {"step": step, **info})
     _write_json_atomic(final / COMPLETE_MARKER, {"step": step})
     return final
 

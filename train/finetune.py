@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prep.errors import BertError
+from prep.outputs import refuse_existing, staged_dir
 from train.pretrained import Pretrained, load_pretrained
 from train.arch import arch_of, model_config_from_dict, new_model
 from train.optim import make_optimizer
@@ -377,8 +377,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, log=None) -> dict:
 
     say = log or (lambda line: tqdm.write(line, file=sys.stderr))
     out_dir = Path(config.out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not config.force:
-        raise BertError(f"{out_dir} already exists: pass --force to replace it, or another --out")
+    refuse_existing(out_dir, config.force, "pass --force to replace it, or another --out")
     pretrained = load_pretrained(Path(config.source), Path(config.checkpoint) if config.checkpoint else None,
                                  Path(config.vocab) if config.vocab else None, require_mlm_head=False)
     tokenizer = pretrained.tokenizer()
@@ -408,15 +407,11 @@ def finetune(config: FinetuneConfig, progress: bool = True, log=None) -> dict:
         f"{len(train_data):,} train / {len(val_data) if val_data else 0:,} val examples, max_len {max_len}, "
         f"{total:,} steps ({config.epochs} epochs of {steps_per_epoch:,}), warm-up {warmup}, lr {config.lr:g}")
 
-    partial = out_dir.parent / f".{out_dir.name}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
     order_rng = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
     best, best_state, stale_epochs, step = None, None, 0, 0
     bar = tqdm(total=total, desc="finetune", unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    try:
+    with staged_dir(out_dir) as partial, bar:  # on an error: the bar closed, then the staging directory deleted
         model.train()
         for epoch in range(1, config.epochs + 1):
             order = torch.randperm(len(train_data), generator=order_rng).numpy()
@@ -472,13 +467,6 @@ def finetune(config: FinetuneConfig, progress: bool = True, log=None) -> dict:
                   "num_labels": len(labels), "lowercase": pretrained.lowercase, "pretrained_step": pretrained.step,
                   **summary}
         (partial / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    except BaseException:
-        bar.close()
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-    os.replace(partial, out_dir)
     summary["out_dir"] = str(out_dir)
     if "predictions" in summary:
         summary["predictions_file"] = str(out_dir / PREDICTIONS_FILE)

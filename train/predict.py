@@ -4,7 +4,6 @@ page that colours each masked token by whether the model got it right)."""
 from __future__ import annotations
 
 import html
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from prep.errors import BertError
+from prep.outputs import write_atomic
 from prep.shards import Split
 from train.pretrained import Pretrained
 
@@ -221,15 +221,6 @@ Hover for probabilities and for what the input held (the 80/10/10 rule keeps or 
 {rows_html(scored, predictor.vocab, start)}
 </body></html>
 """
-    write_text_atomic(Path(out_path), page)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(out_path), page)
     return summary
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

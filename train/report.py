@@ -8,6 +8,7 @@ same curves with matplotlib, an optional extra.
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
 import statistics
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prep.errors import BertError
-from train.predict import PREDICTION_CSS, row_html, write_text_atomic
+from prep.outputs import write_atomic
+from train.predict import PREDICTION_CSS, row_html
 
 METRICS_FILE = "metrics.jsonl"  # as train.rundir names it
 CONFIG_FILE = "config.json"
@@ -328,7 +330,8 @@ def write_report(run_dir: Path, out: Path | None = None, png: bool = False, samp
 {"<h2>Sample predictions</h2>" + samples_html if samples_html else ""}
 </body></html>
 """
-    write_text_atomic(path, page)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, page)
     return path
 
 
@@ -362,7 +365,7 @@ def _write_png(chart_list: list[Chart], path: Path, title: str) -> None:
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=110)
     plt.close(figure)
-    tmp.replace(path)
+    write_atomic(path, png.getvalue())

@@ -4,12 +4,11 @@ records every option, the model, the shards and the derived numbers of a run."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 from prep.errors import BertError
+from prep.outputs import refuse_existing, remove, write_atomic
 from prep.shards import Dataset
 from train import checkpoint as ckpt
 from train.config import TrainConfig
@@ -37,14 +36,9 @@ def prepare_run_dir(config: TrainConfig) -> Path:
             raise BertError(f"--resume: {run_dir} has no complete checkpoint to continue from; "
                             f"start it again with --force")
         return run_dir
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        if not config.force:
-            raise BertError(f"run directory {run_dir} already exists: pass --resume to continue it, --force to "
-                            f"replace it, or another --run-dir")
-        if run_dir.is_dir():
-            shutil.rmtree(run_dir)
-        else:
-            run_dir.unlink()
+    if refuse_existing(run_dir, config.force, "pass --resume to continue it, --force to replace it, or another "
+                       "--run-dir", noun="run directory"):
+        remove(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -76,14 +70,9 @@ def dataset_summary(dataset: Dataset) -> dict:
 def write_run_files(run_dir: Path, record: dict, step: int) -> None:
     """config.json from `record`; on resume (`step` > 0), metrics.jsonl cut back to the checkpoint's step so that
     the records continue without duplicates."""
-    config_path = run_dir / CONFIG_FILE
-    tmp = config_path.with_name(CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, config_path)
+    write_atomic(run_dir / CONFIG_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     metrics = run_dir / METRICS_FILE
     if step and metrics.is_file():
         kept = [line for line in metrics.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = metrics.with_name(METRICS_FILE + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, metrics)
+        write_atomic(metrics, "".join(line + "\n" for line in kept))

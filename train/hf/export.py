@@ -3,13 +3,12 @@ with no code of ours."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from prep.errors import BertError
+from prep.outputs import refuse_existing, staged_dir
 from prep.wordpiece import Vocab
 from train.arch import arch_of
 from train.hf import mapping_for
@@ -35,8 +34,7 @@ def export_hf(source: Path, out_dir: Path, checkpoint: Path | None = None, vocab
     if weights_format not in WEIGHT_FORMATS:
         raise BertError(f"--format must be one of {', '.join(WEIGHT_FORMATS)}, got {weights_format!r}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise BertError(f"{out_dir} already exists: pass --force to replace it, or another --hf directory")
+    refuse_existing(out_dir, force, "pass --force to replace it, or another --hf directory")
     pretrained = load_pretrained(source, checkpoint, vocab)
     config = pretrained.config
     arch = arch_of(config)
@@ -64,11 +62,7 @@ def export_hf(source: Path, out_dir: Path, checkpoint: Path | None = None, vocab
         raise BertError("--format safetensors needs the safetensors package: pip install safetensors")
 
     model_max_length = pretrained.usable_len
-    partial = out_dir.parent / f".{out_dir.name}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    try:
+    with staged_dir(out_dir) as partial:
         weights_file = write_hf_weights(partial, weights, weights_format)
         write_json(partial / HF_CONFIG_FILE, hf_config)
         write_tokenizer_files(partial, pretrained.vocab_file, vocab_obj, pretrained.lowercase, model_max_length)
@@ -87,14 +81,6 @@ def export_hf(source: Path, out_dir: Path, checkpoint: Path | None = None, vocab
             "model": config.as_dict(),
         }
         write_json(partial / EXPORT_RECORD_FILE, record)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out_dir.is_dir():
-        shutil.rmtree(out_dir)
-    elif out_dir.exists():
-        out_dir.unlink()
-    os.replace(partial, out_dir)
     return {**record, "out_dir": str(out_dir), "files": sorted(p.name for p in out_dir.iterdir())}
 
 
