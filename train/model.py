@@ -31,8 +31,34 @@ INIT_STD = 0.02
 _KEEP_BITS = 15  # resolution of a CPU keep mask's probability: 1/32768
 
 
+class SavedModelConfig:
+    """What every architecture's config shares: it is saved as model.json beside each checkpoint and read back, and
+    its vocabulary rows are padded for aligned matmuls."""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding/decoder matrix: vocab_size rounded up to a multiple of pad_vocab_to."""
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping):
+        """Reads back `as_dict()`; refuses unknown fields rather than silently dropping them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BertError(f"model config has unknown fields {unknown}: was it written by a newer berttrain?")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(SavedModelConfig):
     """The shape of a BERT; saved as `model.json` beside every checkpoint and read back from there."""
 
     vocab_size: int
@@ -81,15 +107,6 @@ class ModelConfig:
         if not 0 <= self.pad_id < self.vocab_size:
             raise BertError(f"pad id {self.pad_id} is outside the vocabulary of {self.vocab_size} entries")
 
-    @property
-    def padded_vocab_size(self) -> int:
-        """Rows of the embedding/decoder matrix: vocab_size rounded up to a multiple of pad_vocab_to."""
-        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
     def summary(self) -> str:
         """The shape in words, for the start-up banner."""
         return (f"BERT {self.layers} layers x {self.hidden} hidden, {self.heads} heads, ffn {self.ffn}, {self.norm}-LN"
@@ -109,17 +126,6 @@ class ModelConfig:
         fields.update(overrides)
         return cls(vocab_size=vocab_size, **fields)
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> ModelConfig:
-        """Reads back `as_dict()`; refuses unknown fields rather than silently dropping them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BertError(f"model config has unknown fields {unknown}: was it written by a newer berttrain?")
-        return cls(**data)
 
 
 def _flag(field: str) -> str:

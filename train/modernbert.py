@@ -13,14 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from prep.errors import BertError
-from train.model import SIZES, PretrainingOutput, _cpu_attention_with_dropout, dropout, gather_positions
+from train.model import (SIZES, PretrainingOutput, SavedModelConfig, _cpu_attention_with_dropout, dropout,
+                         gather_positions)
 
 INIT_STD = 0.02
 INIT_CUTOFF = 2.0  # transformers' initializer_cutoff_factor: weights are truncated at +-2 std
@@ -40,7 +40,7 @@ def glu_width(hidden: int) -> int:
 
 
 @dataclass(frozen=True)
-class ModernBertConfig:
+class ModernBertConfig(SavedModelConfig):
     """The shape of a ModernBERT; saved as `model.json` beside every checkpoint and read back from there."""
 
     vocab_size: int
@@ -113,15 +113,6 @@ class ModernBertConfig:
             raise BertError(f"model config names arch {self.arch!r}, not 'modernbert'")
 
     @property
-    def padded_vocab_size(self) -> int:
-        """Rows of the embedding/decoder matrix: vocab_size rounded up to a multiple of pad_vocab_to."""
-        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
     def half_window(self) -> int:
         """How far a local layer looks either side: local_attention // 2, as transformers' `sliding_window`."""
         return self.local_attention // 2
@@ -161,17 +152,6 @@ class ModernBertConfig:
             raise BertError(f"options {unknown} do not apply to a ModernBERT model")
         return cls(vocab_size=vocab_size, **fields)
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> ModernBertConfig:
-        """Reads back `as_dict()`; refuses unknown fields rather than silently dropping them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BertError(f"model config has unknown fields {unknown}: was it written by a newer berttrain?")
-        return cls(**data)
 
 
 def _flag(field: str) -> str:

@@ -15,6 +15,7 @@ from prep.wordpiece import Vocab
 from train import checkpoint as ckpt
 from train.hf.files import (EXPORT_RECORD_FILE, hf_lowercase, hf_model_max_length, is_hf_dir, load_hf_dir,
                             read_json)
+from train.hf.renaming import strip_wrappers
 from train.arch import model_config_from_dict, new_model
 from train.model import ModelConfig
 from train.modernbert import ModernBertConfig
@@ -84,7 +85,7 @@ def load_pretrained(source: Path, checkpoint: Path | None = None, vocab: Path | 
         where = ckpt.resolve_checkpoint(source, "--run")
     info = ckpt.read_info(where)
     config = model_config_from_dict(ckpt.load_model_config(where))
-    state = {_bare_name(k): v for k, v in ckpt.load_weights(where).items()}
+    state = {strip_wrappers(k): v for k, v in ckpt.load_weights(where).items()}
     sha256 = info.get("vocab_sha256")
     if vocab is not None:
         vocab_file = _same_vocab(resolve_vocab_file(vocab), sha256, f"checkpoint {where}")
@@ -95,14 +96,6 @@ def load_pretrained(source: Path, checkpoint: Path | None = None, vocab: Path | 
     return Pretrained(config, state, vocab_file, lowercase, f"checkpoint {where}", step=info.get("step"),
                       max_len=info.get("max_len"), checkpoint=where,
                       shards=Path(info["shards"]) if "shards" in info else None)
-
-
-def _bare_name(name: str) -> str:
-    """A parameter name without torch.compile's `_orig_mod.` or DDP's `module.` wrappers."""
-    for prefix in ("_orig_mod.", "module."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name.replace("._orig_mod.", ".")
 
 
 def _run_vocab(info: dict, where: Path) -> tuple[Path, bool]:

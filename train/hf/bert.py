@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from prep.errors import BertError
+from train.hf.renaming import config_of, from_hf, to_hf
 from train.model import INIT_STD, BertForPretraining, ModelConfig
 
 MODEL_TYPE = "bert"
@@ -62,14 +63,6 @@ def hf_names(config: ModelConfig) -> dict[str, str]:
     return names
 
 
-def _strip_wrappers(name: str) -> str:
-    """Drops torch.compile's `_orig_mod.` and DDP's `module.` prefixes."""
-    for prefix in ("_orig_mod.", "module."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name.replace("._orig_mod.", ".")
-
-
 def to_hf_state_dict(model: nn.Module | Mapping[str, torch.Tensor],
                      config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
     """Our weights under transformers' names, vocabulary padding cut off, tied aliases included.
@@ -78,53 +71,14 @@ def to_hf_state_dict(model: nn.Module | Mapping[str, torch.Tensor],
     into BertForMaskedLM, or into BertForPreTraining when config.nsp. Raises BertError if any weight would be
     left behind or any transformers weight would be missing.
     """
-    if isinstance(model, nn.Module):
-        inner = getattr(model, "_orig_mod", model)
-        config = config or getattr(inner, "module", inner).config
-        model = model.state_dict()
-    if config is None:
-        raise TypeError("to_hf_state_dict needs `config` when given a state dict")
-    state = {_strip_wrappers(k): v for k, v in model.items()}
-    names = hf_names(config)
-    _check_keys(set(state), set(names), "our checkpoint")
-    out = {}
-    for ours, theirs in names.items():
-        tensor = state[ours].detach()
-        # Copies, so that writing or editing the export never touches (or keeps alive) the training weights.
-        out[theirs] = (tensor[: config.vocab_size] if ours in _VOCAB_ROWS else tensor).clone()
-    for alias, source in HF_TIED_KEYS.items():
-        out[alias] = out[source]
-    return out
+    config = config or config_of(model)
+    return to_hf(model, config, hf_names(config), _VOCAB_ROWS, HF_TIED_KEYS)
 
 
 def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """The inverse of to_hf_state_dict: a state dict for BertForPretraining(config), vocabulary rows padded with
     zeros. Tied aliases, when present, must equal their source. Raises BertError on missing or unknown keys."""
-    names = hf_names(config)
-    state = {k: v for k, v in hf_state.items() if k not in _HF_IGNORED}
-    for alias, source in HF_TIED_KEYS.items():
-        if alias in state:
-            if source in state and not torch.equal(state.pop(alias), state[source]):
-                raise BertError(f"{alias} differs from {source}: this checkpoint's decoder is not tied")
-    _check_keys(set(state), set(names.values()), "the transformers checkpoint")
-    out = {}
-    for ours, theirs in names.items():
-        tensor = state[theirs]
-        if ours in _VOCAB_ROWS:
-            if tensor.shape[0] != config.vocab_size:
-                raise BertError(f"{theirs} has {tensor.shape[0]} rows but the vocabulary has {config.vocab_size}")
-            pad = tensor.new_zeros((config.padded_vocab_size - config.vocab_size, *tensor.shape[1:]))
-            tensor = torch.cat([tensor, pad])
-        out[ours] = tensor
-    return out
-
-
-def _check_keys(have: set[str], want: set[str], what: str) -> None:
-    missing, unknown = sorted(want - have), sorted(have - want)
-    if missing or unknown:
-        raise BertError(f"{what} does not match the model config: missing {missing[:5]}"
-                        f"{' ...' if len(missing) > 5 else ''}, unmapped {unknown[:5]}"
-                        f"{' ...' if len(unknown) > 5 else ''}")
+    return from_hf(hf_state, config, hf_names(config), _VOCAB_ROWS, HF_TIED_KEYS, ignored=_HF_IGNORED)
 
 
 def hf_config_dict(config: ModelConfig) -> dict:
