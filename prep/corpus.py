@@ -128,7 +128,7 @@ def sample_lines(lines: Iterable[str], max_lines: int) -> list[str]:
 _SENTENCE_START = "".join(ch for ch in map(chr, range(0x3000)) if ch.isupper() or ch.istitle())
 _SENTENCE_BOUNDARY = re.compile(
     # a terminator that does not end a listed abbreviation or a single capital initial ("Mr.", "J."); the
-    # lookbehinds come after the character class so that the scan only stops at '.', '!' and '?' (30x faster)
+    # lookbehinds come after the character class so that the scan only stops at '.', '!' and '?'
     r"[.!?](?<!\bMr\.)(?<!\bMrs\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bSt\.)(?<!\bNo\.)(?<!\bvs\.)(?<!\bProf\.)"
     r"(?<!\b[A-Z]\.)"
     r"[.!?]*"  # "?!", "..."

@@ -1,7 +1,7 @@
 """The BERT model: encoder and pretraining heads (its Hugging Face mapping lives in `train.hf.bert`).
 
 Plain PyTorch. Attention runs through `scaled_dot_product_attention`, so each device picks its fused kernel. The MLM
-head runs only at the masked positions: with 15% masking that skips ~85% of the largest matmul of a small model.
+head runs only at the masked positions: it skips most of the largest matmul of a small model.
 Dropout on a CPU draws its keep masks from random bits (`Dropout`), as does the attention that needs them.
 """
 
@@ -143,7 +143,7 @@ def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A CPU dropout mask for `x`: bool, true (kept) with probability 1 - p, to 1/32768.
 
     On a CPU, `bernoulli_` (what `F.dropout` and attention's dropout use) draws element by element and costs
-    5-10x more than filling int64s with random bits and reading them as 16-bit lanes, 15 bits of each used.
+    several times more than filling int64s with random bits and reading them as 16-bit lanes, 15 bits of each used.
     The bits come from torch's CPU generator, so the seed and a checkpoint's RNG state govern them as before.
     """
     count = x.numel()

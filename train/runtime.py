@@ -77,7 +77,7 @@ def keep_freed_memory() -> bool:
     """Has glibc's malloc serve blocks of up to 1 GiB from its heap and keep what is freed there, rather than map
     each large block afresh and unmap it when it is freed. A CPU step allocates the same large buffers every time
     (the vocabulary matrix's bf16 copy and its gradients, tens of MB each), and fresh maps pay their page faults
-    again at every step: 12-24% of a `small` step in docs/benchmarks.md. The heap then stays at the size of one
+    again at every step (docs/benchmarks.md measures it). The heap then stays at the size of one
     step's peak. Returns whether it applied (False where malloc is not glibc's)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
