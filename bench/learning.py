@@ -1,19 +1,35 @@
-"""What a short CPU run learns, by kind of masked slot: our trainer and Hugging Face's BertForMaskedLM of the same
-shape on the same WikiText-2 shards, in rows of 64 and of 16 tokens, beside two baselines that use no network (the
-most frequent token, and the counts of the two neighbouring tokens).
+"""What a short CPU run learns at 128 tokens, and how fast: our `bert` and `modernbert` against Hugging Face's
+BertForMaskedLM and ModernBertForMaskedLM of the same shape, on the same rows of a corpus that does not repeat
+(the Python, Perl and Git documentation in ../shared/corpora/docs/, 23 MB; 300 steps of 32 rows read under a fifth
+of it).
 
-A masked slot shows [MASK] (80%: only the context can tell the token), the token itself (10%: copying it is right)
-or a random token (10%). Splitting the accuracy by that tells a model that reads context from one that copies.
+Ours train through `train.loop.run` with their defaults for the arch (bert: the shards' static masks at 15%,
+dropout 0.1; modernbert: dynamic masks at 30%, no dropout). Hugging Face's get the same training rows in the same
+order, restored to the original text and masked by `DataCollatorForLanguageModeling` at its recipe's rate (0.15 for
+BERT, 0.30 for ModernBERT), with our optimizer (AdamW, the same parameter groups), grad clipping at 1.0 and
+transformers' linear warm-up (6%) and decay, at the peak lr our defaults give the same arch. All train under bf16
+autocast. Every model is evaluated on the same validation rows with the shards' static masks, every
+`--eval-every` steps: accuracy at the masked slots by what the input shows there ([MASK], the token kept, a random
+token), against the best constant guess (the most frequent target at those slots).
 
-    python bench/learning.py                 # ~15 min on 2 cores; prints the table of docs/benchmarks.md
-    python bench/learning.py --steps 450 --hf-steps 300
+Speed is each model's training tokens/s (forward, backward, clip, update; Hugging Face's collator excluded, our
+on-device re-masking included), over the steps after the first `--timing-skip`. Hugging Face's ModernBERT runs a
+second time, `--sparse-steps` steps with `sparse_prediction=True` (the MLM head at the masked tokens only), for
+speed alone. Equal wall-clock: every model's accuracy at the training time the fastest took for all its steps,
+interpolated linearly between evaluations (a slower model is then mid-schedule: its lr has not decayed yet).
+
+    python bench/learning.py                          # ~20 min on 2 cores; prints the table of docs/benchmarks.md
+    python bench/learning.py --out /tmp/learning.json --lr-probe 7e-4,1.4e-3,2.8e-3
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,48 +41,59 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prep.corpus import input_record  # noqa: E402
 from prep.masking import MaskingConfig  # noqa: E402
 from prep.pipeline import ShardConfig, build_shards  # noqa: E402
 from prep.shards import open_dataset  # noqa: E402
-from prep.vocab import VocabConfig, train_vocab  # noqa: E402
+from prep.vocab import VocabConfig, make_vocab  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
+from train.arch import config_for_size, model_config_from_dict, new_model  # noqa: E402
+from train.batches import BatchOrder  # noqa: E402
+from train.config import WARMUP_SHARE, TrainConfig  # noqa: E402
+from train.hf.modernbert import hf_config_dict  # noqa: E402
 from train.loop import run  # noqa: E402
-from train.model import BertForPretraining, ModelConfig  # noqa: E402
+from train.masking import restore  # noqa: E402
+from train.optim import make_optimizer  # noqa: E402
+from train.runtime import keep_freed_memory  # noqa: E402
 
-# WikiText-2 where the tests find it: $BERT_SHARED_DIR, else the shared/ folder beside the checkout.
-WIKITEXT = Path(os.environ.get("BERT_SHARED_DIR", ROOT.parent / "shared")) / "corpora" / "wikitext-2"
+DOCS = Path(os.environ.get("BERT_SHARED_DIR", ROOT.parent / "shared")) / "corpora" / "docs"
 KINDS = ("[MASK]", "kept", "random")
+HF_MASK_PROB = {"bert": 0.15, "modernbert": 0.30}
+SEED = 0
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpora", type=Path, default=WIKITEXT, help="folder with wiki.valid.tokens, wiki.test.tokens")
-    parser.add_argument("--steps", type=int, default=1800, help="steps of our runs on 64-token rows")
-    parser.add_argument("--short-steps", type=int, default=1500, help="steps of our runs on 16-token rows")
-    parser.add_argument("--hf-steps", type=int, default=1500, help="steps of the Hugging Face runs")
+    parser.add_argument("--corpora", type=Path, default=DOCS, help="folder of *.txt.zst to train on")
+    parser.add_argument("--size", default="mini")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--val-fraction", type=float, default=0.02, help="documents held out for validation")
     parser.add_argument("--eval-rows", type=int, default=1024)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--timing-skip", type=int, default=10, help="first steps left out of tokens/s")
+    parser.add_argument("--sparse-steps", type=int, default=60, help="steps of HF ModernBERT with sparse_prediction")
+    parser.add_argument("--lr-probe", default="", help="comma-separated peak lrs for extra runs of our modernbert")
+    parser.add_argument("--scratch", type=Path, help="keep vocab, shards and runs here (default a temporary folder)")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     return parser.parse_args()
 
 
-def make_shards(scratch: Path, corpora: Path, max_len: int) -> Path:
-    """The shards of tests/train: train wiki.test, validation wiki.valid, a 4,000-token vocabulary."""
-    valid, test = corpora / "wiki.valid.tokens", corpora / "wiki.test.tokens"
-    vocab_dir = scratch / "vocab"
-    if not vocab_dir.exists():
-        lines = valid.read_text(encoding="utf-8").split("\n")
-        train_vocab(lines, vocab_dir, VocabConfig(vocab_size=4000, threads=1), inputs=[input_record(valid)])
-    out = scratch / f"wiki_{max_len}"
-    masking = MaskingConfig(0.15, MaskingConfig.default_max_predictions(max_len, 0.15))
-    build_shards(ShardConfig(inputs=(test,), val_inputs=(valid,), vocab=vocab_dir, out_dir=out, max_len=max_len,
-                             masking=masking, seed=7, workers=1, progress=False))
+def make_shards(scratch: Path, corpora: Path, args) -> Path:
+    """An 8,000-token WordPiece vocabulary trained on the corpus, and its shards of `max_len` tokens at 15%."""
+    inputs = sorted(corpora.glob("*.txt.zst"))
+    make_vocab(inputs, scratch / "vocab", VocabConfig(vocab_size=args.vocab_size, threads=1), force=True)
+    out = scratch / f"docs_{args.max_len}"
+    masking = MaskingConfig(0.15, MaskingConfig.default_max_predictions(args.max_len, 0.15))
+    build_shards(ShardConfig(inputs=tuple(inputs), vocab=scratch / "vocab", out_dir=out, max_len=args.max_len,
+                             masking=masking, seed=123, val_fraction=args.val_fraction, workers=1, progress=False,
+                             force=True))
     return out
 
 
-def val_arrays(shards: Path, rows: int) -> dict:
-    split = open_dataset(shards).split("val")
-    return {name: torch.from_numpy(np.asarray(a).astype(np.int64)) for name, a in split.slice(0, rows).items()}
+def long_arrays(arrays: dict) -> dict:
+    return {name: torch.from_numpy(np.asarray(a).astype(np.int64)) for name, a in arrays.items()}
 
 
 def by_kind(guess: torch.Tensor, val: dict, special: dict) -> dict:
@@ -77,119 +104,199 @@ def by_kind(guess: torch.Tensor, val: dict, special: dict) -> dict:
     kinds["random"] = ~kinds["[MASK]"] & ~kinds["kept"]
     result = {"all": (guess[used] == labels[used]).double().mean().item()}
     for kind, where in kinds.items():
-        where = where & used
-        result[kind] = (guess[where] == labels[where]).double().mean().item()
+        result[kind] = (guess[where & used] == labels[where & used]).double().mean().item()
     return result
 
 
-def ours(shards: Path, scratch: Path, name: str, val: dict, special: dict, **options) -> dict:
-    config = dict(shards=str(shards), run_dir=str(scratch / name), precision="fp32", device="cpu", eval_every=0,
-                  save_every=0, log_every=100, batch_size=16, size="tiny", dropout=0.0, lr=1e-3, warmup=100)
-    started = time.perf_counter()
-    run(TrainConfig(**{**config, **options}), progress=False)
-    checkpoint = ckpt.latest_checkpoint(scratch / name)
-    model = BertForPretraining(ModelConfig.from_dict(ckpt.load_model_config(checkpoint)))
-    model.load_state_dict(ckpt.load_weights(checkpoint))
-    model.eval()
-    with torch.no_grad():
-        guess = model(val["input_ids"], val["mlm_positions"]).mlm_logits.argmax(-1)
-    return {**by_kind(guess, val, special), "seconds": time.perf_counter() - started}
+def constant_guess(val: dict, special: dict) -> dict:
+    """The best constant guess at the [MASK] slots (the most frequent target there), scored by kind."""
+    shown = torch.gather(val["input_ids"], 1, val["mlm_positions"])
+    at_mask = (shown == special["mask"]) & (val["mlm_labels"] != special["pad"])
+    frequent = int(torch.bincount(val["mlm_labels"][at_mask]).argmax())
+    return {**by_kind(torch.full_like(val["mlm_labels"], frequent), val, special), "token_id": frequent}
 
 
-def hugging_face(shards: Path, val: dict, special: dict, steps: int, lr: float, vocab_size: int,
-                 batch_size: int) -> dict:
-    """transformers' BertForMaskedLM (2 layers x 128, 2 heads) in a plain loop: AdamW, warm-up then linear decay,
-    clipping at 1.0, labels -100 outside the masked slots (the static masks of the shards)."""
-    from transformers import BertConfig, BertForMaskedLM
+@torch.no_grad()
+def predict(logits_at, val: dict, rows: int = 128) -> torch.Tensor:
+    """argmax ids [R, P] at the val masked positions; `logits_at(ids, positions)` gives logits [r, P, V]."""
+    parts = [logits_at(val["input_ids"][s:s + rows], val["mlm_positions"][s:s + rows]).argmax(-1)
+             for s in range(0, len(val["input_ids"]), rows)]
+    return torch.cat(parts)
 
-    torch.manual_seed(0)
-    train = open_dataset(shards).split("train")
-    arrays = {n: torch.from_numpy(np.asarray(a).astype(np.int64)) for n, a in train.slice(0, train.rows).items()}
-    ids, positions, labels = arrays["input_ids"], arrays["mlm_positions"], arrays["mlm_labels"]
-    targets = torch.full_like(ids, -100)
-    used = labels != special["pad"]
-    rows = torch.arange(len(ids))[:, None].expand_as(positions)
-    targets[rows[used], positions[used]] = labels[used]
-    model = BertForMaskedLM(BertConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=2,
-                                       num_attention_heads=2, intermediate_size=512, max_position_embeddings=ids.shape[1],
-                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 100) * max(0.1, 1 - s / steps))
-    generator = torch.Generator().manual_seed(0)
-    started = time.perf_counter()
-    for _ in range(steps):
-        pick = torch.randint(0, len(ids), (batch_size,), generator=generator)
-        loss = model(input_ids=ids[pick], attention_mask=(ids[pick] != special["pad"]).long(),
-                     labels=targets[pick]).loss
+
+def ours(arch: str, shards: Path, scratch: Path, val: dict, special: dict, args, lr: float | None = None,
+         curve: bool = True) -> dict:
+    """Our trainer with the arch's defaults; accuracy at every `eval_every`-th checkpoint against training time."""
+    name = f"ours-{arch}" + (f"-lr{lr:g}" if lr else "")
+    config = TrainConfig(shards=str(shards), run_dir=str(scratch / name), arch=arch, size=args.size,
+                         batch_size=args.batch_size, steps=args.steps, lr=lr, precision="bf16", device="cpu",
+                         eval_every=0, save_every=args.eval_every if curve else 0, keep_last=10_000, log_every=5,
+                         seed=SEED, force=True)
+    run(config, progress=False)
+    records = [json.loads(line) for line in (scratch / name / "metrics.jsonl").read_text().splitlines()]
+    step_s = {}  # seconds of each logged window, by its last step
+    previous = 0
+    for record in (r for r in records if "tokens_per_s" in r):
+        step_s[record["step"]] = args.batch_size * args.max_len * (record["step"] - previous) / record["tokens_per_s"]
+        previous = record["step"]
+    points = []
+    for step, checkpoint in ckpt.list_checkpoints(scratch / name):
+        model = new_model(model_config_from_dict(ckpt.load_model_config(checkpoint)))
+        model.load_state_dict(ckpt.load_weights(checkpoint))
+        model.eval()
+        guess = predict(lambda ids, positions: model.logits(ids, positions), val)
+        points.append({"step": step, "seconds": sum(s for k, s in step_s.items() if k <= step),
+                       **by_kind(guess, val, special)})
+    timed = [s for k, s in step_s.items() if k > args.timing_skip]
+    tokens = args.batch_size * args.max_len * (args.steps - args.timing_skip)
+    return {"model": name, "arch": arch, "lr": config.peak_lr, "mask_prob": config.dynamic_mask_prob or 0.15,
+            "dropout": config.model_dropout, "masking": config.masking_mode, "steps": args.steps,
+            "tokens_per_s": tokens / sum(timed), "curve": points, **points[-1]}
+
+
+def hf_model(arch: str, vocab_size: int, special: dict, size: str, max_len: int, sparse: bool = False):
+    """transformers' masked-LM model of our `size` for `arch`: BERT with its default dropout 0.1, ModernBERT with
+    our config's intermediate width, window, global pattern and RoPE bases (transformers' defaults: no dropout)."""
+    torch.manual_seed(SEED)
+    shape = config_for_size(arch, size, vocab_size)
+    if arch == "bert":
+        from transformers import BertConfig, BertForMaskedLM
+
+        return BertForMaskedLM(BertConfig(vocab_size=vocab_size, hidden_size=shape.hidden,
+                                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                                          intermediate_size=shape.ffn, max_position_embeddings=max(512, max_len),
+                                          pad_token_id=special["pad"]))
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    fields = hf_config_dict(shape, special)
+    return ModernBertForMaskedLM(ModernBertConfig(**fields, sparse_prediction=sparse))
+
+
+def hugging_face(arch: str, shards: Path, val: dict, special: dict, args, sparse: bool = False) -> dict:
+    """The HF model on our rows in our order, masked by its own collator; a plain loop as HF's Trainer runs it."""
+    from transformers import BertTokenizerFast, DataCollatorForLanguageModeling, get_linear_schedule_with_warmup
+
+    dataset = open_dataset(shards)
+    train_split, vocab_size = dataset.split("train"), int(dataset.vocab["size"])
+    tokenizer = BertTokenizerFast(vocab_file=str(dataset.vocab_file), do_lower_case=True)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=HF_MASK_PROB[arch], seed=SEED)
+    model = hf_model(arch, vocab_size, special, args.size, args.max_len, sparse)
+    lr = TrainConfig(shards=str(shards), arch=arch, size=args.size).peak_lr
+    optimizer = make_optimizer(model, lr, weight_decay=0.01)
+    schedule = get_linear_schedule_with_warmup(optimizer, round(WARMUP_SHARE * args.steps), args.steps)
+    order = BatchOrder(train_split.rows, args.batch_size, SEED)
+    steps = args.sparse_steps if sparse else args.steps
+    step_s, points = [], []
+    for step in range(steps):
+        start = order.block_start(step)
+        rows = long_arrays(train_split.slice(start, start + args.batch_size))
+        original = restore(rows["input_ids"], rows["mlm_positions"], rows["mlm_labels"], special["pad"])
+        batch = collator([{"input_ids": row} for row in original.tolist()])
+        began = time.perf_counter()
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        optimizer.zero_grad()
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=val["input_ids"], attention_mask=(val["input_ids"] != special["pad"]).long()).logits
-    guess = torch.gather(logits.argmax(-1), 1, val["mlm_positions"])
-    return {**by_kind(guess, val, special), "train_loss": loss.item(), "seconds": time.perf_counter() - started}
+        optimizer.zero_grad(set_to_none=True)
+        step_s.append(time.perf_counter() - began)
+        if not sparse and ((step + 1) % args.eval_every == 0 or step + 1 == steps):
+            model.eval()
+            guess = predict(lambda ids, positions: torch.gather(
+                model(input_ids=ids, attention_mask=(ids != special["pad"]).long()).logits, 1,
+                positions[..., None].expand(-1, -1, vocab_size)), val)
+            points.append({"step": step + 1, "seconds": sum(step_s), **by_kind(guess, val, special)})
+    tokens = args.batch_size * args.max_len * (steps - args.timing_skip)
+    name = f"hf-{arch}" + ("-sparse" if sparse else "")
+    result = {"model": name, "arch": arch, "lr": lr, "mask_prob": HF_MASK_PROB[arch], "steps": steps,
+              "dropout": 0.1 if arch == "bert" else 0.0, "masking": "collator", "train_loss": loss.item(),
+              "tokens_per_s": tokens / sum(step_s[args.timing_skip:]), "curve": points}
+    return {**result, **(points[-1] if points else {})}
 
 
-def counting(shards: Path, val: dict, special: dict, vocab_size: int) -> dict:
-    """No network: each masked slot gets the token that best fits its two neighbours by the counts of neighbouring
-    pairs in the training rows (restored): p(x | left) p(x | right) / p(x), add-0.1 smoothed."""
-    train = open_dataset(shards).split("train")
-    arrays = train.slice(0, train.rows)
-    ids = np.asarray(arrays["input_ids"]).astype(np.int64)
-    positions, labels = np.asarray(arrays["mlm_positions"]).astype(np.int64), np.asarray(arrays["mlm_labels"])
-    used = labels != special["pad"]
-    ids[np.broadcast_to(np.arange(len(ids))[:, None], positions.shape)[used], positions[used]] = labels[used]
-    pairs = np.zeros((vocab_size, vocab_size), np.float32)  # [left token, right token]
-    np.add.at(pairs, (ids[:, :-1].ravel(), ids[:, 1:].ravel()), 1)
-    unigram = np.bincount(ids.ravel(), minlength=vocab_size).astype(np.float32) + 1
-    unigram /= unigram.sum()
-    shown, slots = val["input_ids"].numpy(), val["mlm_positions"].numpy()
-    rows = np.broadcast_to(np.arange(len(shown))[:, None], slots.shape)
-    left, right = shown[rows, slots - 1], shown[rows, np.minimum(slots + 1, shown.shape[1] - 1)]
-    given_left = pairs[left] + 0.1 * unigram
-    given_right = pairs.T[right] + 0.1 * unigram
-    score = (given_left / given_left.sum(-1, keepdims=True)) * (given_right / given_right.sum(-1, keepdims=True))
-    return by_kind(torch.from_numpy(np.argmax(score / unigram, -1)), val, special)
+def at_time(curve: list[dict], seconds: float) -> dict:
+    """Accuracies at `seconds` of training, interpolated linearly between the evaluations around it."""
+    before = [p for p in curve if p["seconds"] <= seconds] or [curve[0]]
+    after = [p for p in curve if p["seconds"] >= seconds] or [curve[-1]]
+    a, b = before[-1], after[0]
+    share = 0.0 if b["seconds"] == a["seconds"] else (seconds - a["seconds"]) / (b["seconds"] - a["seconds"])
+    result = {k: a[k] + share * (b[k] - a[k]) for k in ("step", "all", *KINDS)}
+    return {**result, "extrapolated": seconds > curve[-1]["seconds"] or seconds < curve[0]["seconds"]}
+
+
+def machine() -> str:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "")
+    return f"{model or platform.processor()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def table(results: list[dict], baseline: dict, equal_s: float) -> list[str]:
+    lines = ["| model | lr | masking | steps | mlm_acc | at `[MASK]` | × constant | at kept | at random | "
+             "tokens/s (bf16) | at equal time: steps | at `[MASK]` |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+             f"| best constant guess at `[MASK]` (token {baseline['token_id']}) | | | | {baseline['all']:.1%} | "
+             f"{baseline['[MASK]']:.1%} | 1.00× | {baseline['kept']:.1%} | {baseline['random']:.1%} | | | |"]
+    for r in results:
+        masking = f"{r['masking']} {r['mask_prob']:.0%}, dropout {r['dropout']:g}"
+        if not r["curve"]:
+            lines.append(f"| {r['model']} | {r['lr']:g} | {masking} | {r['steps']} | | | | | | "
+                         f"{r['tokens_per_s']:,.0f} | | |")
+            continue
+        same = r["equal_time"]
+        lines.append(f"| {r['model']} | {r['lr']:g} | {masking} | {r['steps']} | {r['all']:.1%} | "
+                     f"{r['[MASK]']:.1%} | {r['[MASK]'] / baseline['[MASK]']:.2f}× | {r['kept']:.1%} | "
+                     f"{r['random']:.1%} | {r['tokens_per_s']:,.0f} | {same['step']:.0f} | {same['[MASK]']:.1%} |")
+    lines.append(f"\nEqual time: {equal_s:.0f} s of training, the fastest model's {results[0]['steps']} steps.")
+    return lines
 
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(1)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-learning-") as scratch:
-        scratch = Path(scratch)
-        # The same validation text at both lengths: 1,024 rows of 64 tokens, 4,096 of 16.
-        for max_len, batch_size, eval_rows in ((64, 16, args.eval_rows), (16, 128, 4 * args.eval_rows)):
-            shards = make_shards(scratch, args.corpora, max_len)
-            vocab = open_dataset(shards).vocab
-            special, vocab_size = vocab["special"], int(vocab["size"])
-            val = val_arrays(shards, eval_rows)
-            labels = val["mlm_labels"][val["mlm_labels"] != special["pad"]]
-            frequent = int(torch.bincount(labels).argmax())
-            rows.append((f"{max_len} tokens: most-frequent-token baseline", "",
-                         by_kind(torch.full_like(val["mlm_labels"], frequent), val, special)))
-            steps = args.steps if max_len == 64 else args.short_steps
-            runs = [(f"`tiny`, static masks, batch {batch_size}", steps, dict(steps=steps)),
-                    (f"`tiny`, `--masking dynamic`, batch {batch_size}", steps, dict(steps=steps, masking="dynamic"))]
-            for label, run_steps, options in runs:
-                result = ours(shards, scratch, f"run{len(rows)}", val, special, batch_size=batch_size, **options)
-                rows.append((f"{max_len} tokens: {label}", run_steps, result))
-                print(json.dumps({"run": rows[-1][0], **result}), file=sys.stderr)
-            result = hugging_face(shards, val, special, args.hf_steps, 1e-3, vocab_size, batch_size)
-            rows.append((f"{max_len} tokens: Hugging Face `BertForMaskedLM` (2 × 128), batch {batch_size}, static; "
-                         f"training loss {result['train_loss']:.1f}", args.hf_steps, result))
-            print(json.dumps({"run": rows[-1][0], **result}), file=sys.stderr)
-            rows.append((f"{max_len} tokens: counting neighbours on the training rows, no network", "",
-                         counting(shards, val, special, vocab_size)))
-    print("| run | steps | mlm_acc | at `[MASK]` | at kept slots | at random slots |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for label, steps, r in rows:
-        cells = [f"{r[k]:.1%}" for k in ("all", *KINDS)]
-        print(f"| {label} | {steps if steps == '' else f'{steps:,}'} | {' | '.join(cells)} |")
+    torch.set_num_threads(2)
+    keep_freed_memory()  # what `berttrain run` applies on a CPU; process-wide, so every model here gets it
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp:
+        scratch = args.scratch or Path(tmp)
+        scratch.mkdir(parents=True, exist_ok=True)
+        shards = make_shards(scratch, args.corpora, args)
+        dataset = open_dataset(shards)
+        special = dataset.vocab["special"]
+        val = long_arrays(dataset.split("val").slice(0, min(args.eval_rows, dataset.split("val").rows)))
+        baseline = constant_guess(val, special)
+        results = []
+        for arch in ("modernbert", "bert"):
+            for result in (lambda: ours(arch, shards, scratch, val, special, args),
+                           lambda: hugging_face(arch, shards, val, special, args)):
+                results.append(result())
+                print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), file=sys.stderr)
+        results.append(hugging_face("modernbert", shards, val, special, args, sparse=True))
+        equal_s = min(r["curve"][-1]["seconds"] for r in results if r["curve"])
+        for r in results:
+            if r["curve"]:
+                r["equal_time"] = at_time(r["curve"], equal_s)
+        probe = []
+        for lr in (float(x) for x in args.lr_probe.split(",") if x):
+            probe.append(ours("modernbert", shards, scratch, val, special, args, lr=lr, curve=False))
+            print(json.dumps({k: v for k, v in probe[-1].items() if k != "curve"}), file=sys.stderr)
+        info = {"machine": machine(), "date": datetime.date.today().isoformat(),
+                "load_average": os.getloadavg(), "minutes": (time.time() - started) / 60,
+                "train_rows": dataset.split("train").rows, "val_rows": len(val["input_ids"]),
+                "val_masked": int((val["mlm_labels"] != special["pad"]).sum()),
+                "val_at_mask": int(((torch.gather(val["input_ids"], 1, val["mlm_positions"]) == special["mask"])
+                                    & (val["mlm_labels"] != special["pad"])).sum())}
+    print(f"{info['machine']}, {info['date']}; {info['train_rows']:,} train rows of {args.max_len} tokens, "
+          f"{info['val_rows']} val rows ({info['val_masked']:,} masked slots, {info['val_at_mask']:,} showing "
+          f"[MASK]); {args.size} x {args.batch_size} x {args.max_len}; {info['minutes']:.1f} min\n")
+    print("\n".join(table(results, baseline, equal_s)))
+    for r in probe:
+        print(f"lr probe, our modernbert at {r['lr']:g}: at [MASK] {r['[MASK]']:.1%}, mlm_acc {r['all']:.1%}")
+    if args.out:
+        args.out.write_text(json.dumps({**info, "args": {k: str(v) for k, v in vars(args).items()},
+                                        "baseline": baseline, "equal_time_s": equal_s, "results": results,
+                                        "lr_probe": probe}, indent=1))
 
 
 if __name__ == "__main__":
