@@ -26,7 +26,7 @@ from torch import nn
 from prep.errors import BertError
 from prep.outputs import refuse_existing, staged_dir
 from train.pretrained import Pretrained, load_pretrained
-from train.arch import arch_of, model_config_from_dict, new_model
+from train.arch import model_config_from_dict, new_model
 from train.optim import make_optimizer
 from train.options import check_choices, choice
 from train.runtime import DEVICES, keep_freed_memory, resolve_device
@@ -322,9 +322,7 @@ def build_classifier(pretrained: Pretrained, num_labels: int, dropout: float, fr
                      seed: int) -> Classifier:
     """The classifier on the pretrained encoder (and pooler, when the model has the NSP head), or on freshly
     initialised weights of the same shape with `from_scratch`. New layers are drawn from `seed`."""
-    names = (("embedding_dropout", "mlp_dropout", "attention_dropout") if arch_of(pretrained.config) == "modernbert"
-             else ("dropout", "attention_dropout"))
-    config = type(pretrained.config).from_dict({**pretrained.config.as_dict(), **dict.fromkeys(names, dropout)})
+    config = pretrained.config.with_dropout(dropout)
     torch.manual_seed(seed)
     base = new_model(config)  # the architecture's own initialisation: the from-scratch weights
     if not from_scratch:

@@ -107,6 +107,10 @@ class ModelConfig(SavedModelConfig):
         if not 0 <= self.pad_id < self.vocab_size:
             raise BertError(f"pad id {self.pad_id} is outside the vocabulary of {self.vocab_size} entries")
 
+    def with_dropout(self, p: float) -> ModelConfig:
+        """The same model with dropout `p` everywhere (embeddings, residual branches, attention)."""
+        return dataclasses.replace(self, dropout=p, attention_dropout=p)
+
     def summary(self) -> str:
         """The shape in words, for the start-up banner."""
         return (f"BERT {self.layers} layers x {self.hidden} hidden, {self.heads} heads, ffn {self.ffn}, {self.norm}-LN"

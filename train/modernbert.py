@@ -120,6 +120,10 @@ class ModernBertConfig(SavedModelConfig):
     def is_global(self, layer: int) -> bool:
         return layer % self.global_attn_every_n_layers == 0
 
+    def with_dropout(self, p: float) -> ModernBertConfig:
+        """The same model with dropout `p` everywhere (embeddings, attention, MLP)."""
+        return dataclasses.replace(self, embedding_dropout=p, attention_dropout=p, mlp_dropout=p)
+
     def summary(self) -> str:
         """The shape in words, for the start-up banner."""
         return (f"ModernBERT {self.layers} layers x {self.hidden} hidden, {self.heads} heads, GeGLU "

@@ -3,6 +3,7 @@ check that the shards fit it."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,14 +98,12 @@ def initial_model(config: TrainConfig, dataset: Dataset) -> ModelSource:
 def _continued(config: TrainConfig, dataset: Dataset, saved, state: dict, name: str,
                vocab_sha256: str | None) -> ModelSource:
     """The weights of another run or model, with this run's dropout, heads and row length."""
-    dropout = config.model_dropout
+    saved = saved.with_dropout(config.model_dropout)
     if config.modern:  # rotary positions need no table: the longest row is only a number
-        fields = {"embedding_dropout": dropout, "mlp_dropout": dropout, "attention_dropout": dropout,
-                  "max_positions": max(saved.max_positions, dataset.max_len)}
-        return ModelSource(type(saved).from_dict({**saved.as_dict(), **fields}), state, name, vocab_sha256)
+        longest = max(saved.max_positions, dataset.max_len)
+        return ModelSource(dataclasses.replace(saved, max_positions=longest), state, name, vocab_sha256)
     nsp = dataset.has_nsp
-    model_config = ModelConfig.from_dict({**saved.as_dict(), "dropout": dropout, "attention_dropout": dropout,
-                                          "nsp": nsp})
+    model_config = dataclasses.replace(saved, nsp=nsp)
     if not nsp:
         state = {k: v for k, v in state.items() if not k.startswith(("pooler.", "nsp_head."))}
     if dataset.max_len > model_config.max_positions:
