@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import re
 import textwrap
@@ -38,8 +39,9 @@ def check_choices(config) -> None:
                             f"got {value!r}")
 
 
+@functools.cache
 def field_docs(cls) -> dict[str, str]:
-    """The docstring written under each field of dataclass `cls`, by field name."""
+    """The docstring written under each field of dataclass `cls`, by field name (read from its source once)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}
