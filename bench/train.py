@@ -1,16 +1,20 @@
-"""Training-step speed of our BERT against Hugging Face's BertForMaskedLM of the same shape, and the share of the
-device's measured matmul peak each reaches (MFU).
+"""Training-step speed of our BERT or ModernBERT against Hugging Face's BertForMaskedLM / ModernBertForMaskedLM of
+the same shape, and the share of the device's measured matmul peak each reaches (MFU).
 
-Both models take the same random batch, precision and AdamW settings; ours runs the MLM head at the masked
-positions only, HF's at every token with labels -100 outside them (as the transformers route trains). Data loading
-is not part of it: the batch is on the device before timing starts. Both run with the process's default malloc;
---keep-freed-memory gives both the settings `berttrain run` applies on a CPU (`keep_freed_memory` in train/runtime.py).
+All models take the same random batch, precision and AdamW settings; ours runs the MLM head at the masked
+positions only and takes the trainer's loss (`train.loss`), HF's runs at every token with labels -100 outside them
+(as the transformers route trains); HF's ModernBERT runs a second time with `sparse_prediction=True` (its head at
+the labelled tokens only). The models take turns, `--rounds` times `--steps` steps each, so a neighbour's load on
+a shared machine falls on all of them alike. Data loading is not part of it: the batch is on the device before
+timing starts. All run with the process's default malloc; --keep-freed-memory gives them the settings
+`berttrain run` applies on a CPU (`keep_freed_memory` in train/runtime.py).
 
 With --shards, ours alone runs through `berttrain run` itself on real shards instead: the trainer's data path
 (zero-copy memmap slices, pinned and copied non-blocking on CUDA, prepared on a background thread), optimizer and
 loop, with its measured data wait.
 
     python bench/train.py --size small --batch-size 32 --steps 10
+    python bench/train.py --arch modernbert --size mini --vocab-size 8000 --predictions 39 --rounds 5
     python bench/train.py --size base --batch-size 64 --steps 50 --shards data/wiki_128 --device cuda
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import sys
@@ -31,22 +36,28 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from train import modernbert  # noqa: E402
+from train.arch import config_for_size, model_config_from_dict, new_model  # noqa: E402
+from train.hf import bert as hf_bert  # noqa: E402
+from train.hf import modernbert as hf_modernbert  # noqa: E402
+from train.loss import masked_lm_loss_sum  # noqa: E402
+from train.model import count_parameters, flops_per_token  # noqa: E402
 from train.optim import fused_adamw_is_fast  # noqa: E402
 from train.runtime import keep_freed_memory, resolve_precision  # noqa: E402
-from train.hf.bert import hf_config_dict  # noqa: E402
-from train.model import BertForPretraining, ModelConfig, count_parameters, flops_per_token  # noqa: E402
 
 PAD_ID, FIRST_REAL_ID = 0, 5
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="bert", choices=("bert", "modernbert"))
     parser.add_argument("--size", default="small", help="named model size (tiny, mini, small, medium, base, large)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per step")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per row")
     parser.add_argument("--predictions", type=int, default=20, help="masked positions per row")
     parser.add_argument("--vocab-size", type=int, default=30522, help="vocabulary entries (BERT uncased: 30522)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per model and precision")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model, precision and round")
+    parser.add_argument("--rounds", type=int, default=1, help="turns each model takes, the others between")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto",
@@ -112,7 +123,7 @@ def random_batch(args, device: torch.device, seed: int = 0) -> dict:
 
 def ours_step(model, batch):
     out = model(batch["input_ids"], batch["mlm_positions"])
-    return F.cross_entropy(out.mlm_logits.flatten(0, 1).float(), batch["mlm_labels"].flatten(), ignore_index=PAD_ID)
+    return masked_lm_loss_sum(out.mlm_logits.flatten(0, 1), batch["mlm_labels"].flatten()) / batch["mlm_labels"].numel()
 
 
 def hf_inputs(batch) -> dict:
@@ -126,22 +137,32 @@ def hf_step(model, inputs):
     return model(**inputs).loss
 
 
-def time_steps(model, step, inputs, device, precision, args) -> float:
-    """Seconds per forward + backward + AdamW step, averaged over args.steps after args.warmup. Both models get the
-    AdamW kernel our trainer picks for the device (fused where it is the fast one)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
-                                  **({"fused": True} if fused_adamw_is_fast(device) else {"foreach": True}))
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            synchronize(device)
-            start = time.perf_counter()
-        with autocast(device, precision):
-            loss = step(model, inputs)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    synchronize(device)
-    return (time.perf_counter() - start) / args.steps
+class Timer:
+    """One model's training steps, timed in turns: forward + backward + AdamW with the kernel our trainer picks for
+    the device (fused where it is the fast one); the first turn starts with args.warmup untimed steps."""
+
+    def __init__(self, model, step, inputs, device, precision, args):
+        self.model, self.step, self.inputs, self.device, self.precision = model, step, inputs, device, precision
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
+                                           **({"fused": True} if fused_adamw_is_fast(device) else {"foreach": True}))
+        self.seconds, self.steps = 0.0, 0
+        self._run(args.warmup)
+
+    def _run(self, steps: int) -> None:
+        for _ in range(steps):
+            with autocast(self.device, self.precision):
+                loss = self.step(self.model, self.inputs)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def turn(self, steps: int) -> None:
+        synchronize(self.device)
+        start = time.perf_counter()
+        self._run(steps)
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        self.steps += steps
 
 
 def trainer_row(args, device: torch.device, precision: str) -> dict:
@@ -155,24 +176,27 @@ def trainer_row(args, device: torch.device, precision: str) -> dict:
     dataset = open_dataset(args.shards)
     predictions = int(dataset.manifest["options"]["max_predictions"])
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
-        config = TrainConfig(shards=str(args.shards), run_dir=f"{scratch}/run", size=args.size,
+        config = TrainConfig(shards=str(args.shards), run_dir=f"{scratch}/run", arch=args.arch, size=args.size,
                              batch_size=args.batch_size, steps=args.warmup + args.steps, warmup=1,
                              precision=precision, device=device.type, compile=args.compile, log_every=1,
                              eval_every=0, save_every=0)
         run(config, progress=False)
         run_dir = Path(scratch) / "run"
         records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
-        model_config = ModelConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text())["model"])
+        model_config = model_config_from_dict(json.loads((run_dir / CONFIG_FILE).read_text())["model"])
+    if config.dynamic_mask_prob:  # re-masked on the device: as many slots as the rate asks for
+        predictions = math.ceil(dataset.max_len * config.dynamic_mask_prob)
     tokens_per_step = args.batch_size * dataset.max_len
     timed = [r for r in records if "tokens_per_s" in r][args.warmup:]
     step_seconds = [tokens_per_step / r["tokens_per_s"] for r in timed]
     waits = [r["data_wait_frac"] for r in timed]
     seconds = sum(step_seconds)
     with torch.device("meta"):  # only its parameter count is needed
-        params = count_parameters(BertForPretraining(model_config))
+        params = count_parameters(new_model(model_config))
+    flops = modernbert.flops_per_token if args.arch == "modernbert" else flops_per_token
     return {"tokens_per_s": len(step_seconds) * tokens_per_step / seconds,
             "data_wait_frac": sum(w * t for w, t in zip(waits, step_seconds)) / seconds,
-            "flops": flops_per_token(model_config, dataset.max_len, predictions), "params": params,
+            "flops": flops(model_config, dataset.max_len, predictions), "params": params,
             "max_len": dataset.max_len}
 
 
@@ -200,6 +224,32 @@ def _device_name(device: torch.device) -> str:
             f"{torch.backends.cpu.get_cpu_capability()}")
 
 
+def contenders(args, device: torch.device, batch: dict) -> list[tuple]:
+    """(name, model, step, inputs, training FLOPs per token) for ours and the Hugging Face peers of args.arch."""
+    import transformers
+
+    shape = config_for_size(args.arch, args.size, args.vocab_size, max_positions=max(512, args.seq_len))
+    torch.manual_seed(0)
+    ours = new_model(shape).to(device).train()
+    if args.arch == "bert":
+        hf = transformers.BertForMaskedLM._from_config(transformers.BertConfig(**hf_bert.hf_config_dict(shape)),
+                                                       attn_implementation="sdpa")
+        return [("ours", ours, ours_step, batch, flops_per_token(shape, args.seq_len, args.predictions)),
+                ("HF BertForMaskedLM (sdpa)", hf.to(device).train(), hf_step, hf_inputs(batch),
+                 flops_per_token(shape, args.seq_len))]
+    special = {"pad": PAD_ID, "cls": 2, "sep": 3, "mask": 4}
+    fields = hf_modernbert.hf_config_dict(shape, special)
+    peers = []
+    for sparse in (False, True):
+        config = transformers.ModernBertConfig(**fields, sparse_prediction=sparse)
+        hf = transformers.ModernBertForMaskedLM._from_config(config, attn_implementation="sdpa")
+        peers.append((f"HF ModernBertForMaskedLM (sdpa, sparse_prediction {'on' if sparse else 'off'})",
+                      hf.to(device).train(), hf_step, hf_inputs(batch),
+                      modernbert.flops_per_token(shape, args.seq_len, args.predictions if sparse else None)))
+    return [("ours", ours, ours_step, batch, modernbert.flops_per_token(shape, args.seq_len, args.predictions)),
+            *peers]
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
@@ -212,11 +262,8 @@ def main() -> None:
         precisions = ["bf16"] if bf16_is_fast(device) else ["bf16", "fp32"]
     else:
         precisions = args.precision.split(",")
-    config = ModelConfig.from_size(args.size, args.vocab_size, max_positions=max(512, args.seq_len))
-    hf_config = transformers.BertConfig(**hf_config_dict(config))
+    shape = config_for_size(args.arch, args.size, args.vocab_size)
     tokens_per_step = args.batch_size * args.seq_len
-    flops_ours = flops_per_token(config, args.seq_len, args.predictions)
-    flops_hf = flops_per_token(config, args.seq_len)
 
     print(f"device: {_device_name(device)}; torch {torch.__version__}, transformers {transformers.__version__}")
     if device.type == "cpu":
@@ -225,27 +272,24 @@ def main() -> None:
     print(f"native bf16: {'yes' if bf16_is_fast(device) else 'no (bf16 is emulated; fp32 shown too)'}")
     if args.keep_freed_memory:
         print(f"malloc keeps freed memory (as `berttrain run` on a CPU): {keep_freed_memory()}")
-    print(f"model: {args.size} (L{config.layers}/H{config.hidden}/A{config.heads}), vocab {args.vocab_size}, "
-          f"batch {args.batch_size} x {args.seq_len} tokens, {args.predictions} masked per row, "
-          f"{args.steps} timed steps after {args.warmup} warm-up")
-    print(f"model FLOPs per token (training): ours {flops_ours / 1e6:.1f} M (head at masked positions), "
-          f"HF {flops_hf / 1e6:.1f} M (head at every position)\n")
+    print(f"model: {shape.summary()}, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} tokens, "
+          f"{args.predictions} masked per row, {args.rounds} x {args.steps} timed steps each after {args.warmup} "
+          f"warm-up\n")
 
     rows = []
     batch = random_batch(args, device)
     for precision in precisions:
         peak = matmul_peak_flops(device, precision)
-        torch.manual_seed(0)
-        ours = BertForPretraining(config).to(device).train()
-        hf = transformers.BertForMaskedLM._from_config(hf_config, attn_implementation="sdpa").to(device).train()
-        for name, model, step, inputs, flops in (("ours", ours, ours_step, batch, flops_ours),
-                                                 ("HF BertForMaskedLM (sdpa)", hf, hf_step, hf_inputs(batch),
-                                                  flops_hf)):
-            seconds = time_steps(model, step, inputs, device, precision, args)
-            tokens_per_s = tokens_per_step / seconds
-            achieved = tokens_per_s * flops
-            rows.append((name, precision, count_parameters(model), seconds * 1e3, tokens_per_s, achieved, peak))
-        del ours, hf
+        models = contenders(args, device, batch)
+        timers = [Timer(model, step, inputs, device, precision, args) for _, model, step, inputs, _ in models]
+        for _ in range(args.rounds):
+            for timer in timers:
+                timer.turn(args.steps)
+        for (name, model, _, _, flops), timer in zip(models, timers):
+            tokens_per_s = tokens_per_step * timer.steps / timer.seconds
+            rows.append((name, precision, count_parameters(model), timer.seconds / timer.steps * 1e3, tokens_per_s,
+                         tokens_per_s * flops, peak))
+        del models, timers
 
     print("| model | precision | params | ms/step | tokens/s | model GFLOP/s | matmul peak GFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|---|")
@@ -253,8 +297,9 @@ def main() -> None:
         print(f"| {name} | {precision} | {params / 1e6:.1f} M | {ms:.0f} | {tokens_per_s:,.0f} | "
               f"{achieved / 1e9:,.1f} | {peak / 1e9:,.1f} | {achieved / peak:.0%} |")
     for precision in precisions:
-        ours_row, hf_row = (r for r in rows if r[1] == precision)
-        print(f"\n{precision}: ours is {ours_row[4] / hf_row[4]:.2f}x HF's tokens/s")
+        ours_row, *peer_rows = (r for r in rows if r[1] == precision)
+        for peer in peer_rows:
+            print(f"\n{precision}: ours is {ours_row[4] / peer[4]:.2f}x the tokens/s of {peer[0]}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from train.batches import BatchLayout, BatchOrder, BatchStream
 from train.config import TrainConfig
 from train.diagnose import COLLAPSE_EVALS, OVERFIT_LOSS, collapse_warning, collapsed
 from train.evaluate import EVAL_KEYS, evaluate, format_eval, unigram_log_probs
+from train.loss import IGNORE_INDEX, masked_lm_loss_sum
 from train.masking import DeviceMaskTables, mask_draws, remask
 from train.metrics import (TENSORBOARD_DIR, BarSink, JsonlSink, MetricsWriter, Sink,
                            require_tensorboard, tensorboard_sink)
@@ -39,7 +40,6 @@ from train.schedule import Plan
 from train.sources import check_dataset, initial_model, resumed_model
 from train.state import restore, save
 
-IGNORE_INDEX = -100
 SAMPLE_ROWS = 2
 _SALT_DROPOUT, _SALT_MASKING = 0xD50, 0xD3A
 
@@ -196,8 +196,7 @@ def train_step(trainer: Trainer, micro: list[dict[str, torch.Tensor]], step: int
                 out = trainer.forward_model(batch["input_ids"], batch["mlm_positions"],
                                             token_type_ids=batch.get("token_type_ids"))
             labels = torch.where(used, batch["mlm_labels"], IGNORE_INDEX)
-            mlm_sum = F.cross_entropy(out.mlm_logits.float().flatten(0, 1), labels.flatten(),
-                                      ignore_index=IGNORE_INDEX, reduction="sum")
+            mlm_sum = masked_lm_loss_sum(out.mlm_logits.flatten(0, 1), labels.flatten())
             loss = mlm_sum / global_masked
             nsp_sum = torch.zeros((), device=runtime.device)
             if out.nsp_logits is not None:

@@ -1,8 +1,8 @@
 """The BERT model: encoder and pretraining heads (its Hugging Face mapping lives in `train.hf.bert`).
 
-Plain PyTorch. Attention runs through `scaled_dot_product_attention`, so each device picks its fused kernel. The MLM
-head runs only at the masked positions: it skips most of the largest matmul of a small model.
-Dropout on a CPU draws its keep masks from random bits (`Dropout`), as does the attention that needs them.
+Plain PyTorch. Attention runs through `train.attention`, so each device picks its fused kernel and precision; dropout
+through `train.dropout`. The MLM head runs only at the masked positions: it skips most of the largest matmul of a
+small model.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prep.errors import BertError
+from train.attention import attention
+from train.dropout import Dropout
 
 # (layers, hidden) per named size; heads = hidden / 64 and ffn = 4 * hidden, as in Turc et al. and BERT itself.
 SIZES = {
@@ -28,7 +30,6 @@ SIZES = {
 }
 NORMS = ("post", "pre")
 INIT_STD = 0.02
-_KEEP_BITS = 15  # resolution of a CPU keep mask's probability: 1/32768
 
 
 class SavedModelConfig:
@@ -143,32 +144,6 @@ class PretrainingOutput(NamedTuple):
     """[B, 2] when the config has the NSP head, else None."""
 
 
-def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A CPU dropout mask for `x`: bool, true (kept) with probability 1 - p, to 1/32768.
-
-    On a CPU, `bernoulli_` (what `F.dropout` and attention's dropout use) draws element by element and costs
-    several times more than filling int64s with random bits and reading them as 16-bit lanes, 15 bits of each used.
-    The bits come from torch's CPU generator, so the seed and a checkpoint's RNG state govern them as before.
-    """
-    count = x.numel()
-    lanes = torch.empty((count + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:count].view(x.shape)
-    return (lanes & ((1 << _KEEP_BITS) - 1)) >= round(p * (1 << _KEEP_BITS))
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """`F.dropout`, with the CPU's keep mask drawn by `_keep_mask`."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, True)
-    return x * _keep_mask(x, p) * (1.0 / (1.0 - p))  # scaled after the mask: 1/(1-p) is not exact in bf16
-
-
-class Dropout(nn.Dropout):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-
 class Embeddings(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -203,20 +178,8 @@ class SelfAttention(nn.Module):
             return t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
 
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        dropout_p = self.dropout_p if self.training else 0.0
-        if dropout_p and x.device.type == "cpu":
-            out = _cpu_attention_with_dropout(q, k, v, attn_mask, dropout_p)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        out = attention(q, k, v, attn_mask, self.dropout_p if self.training else 0.0)
         return self.output(out.transpose(1, 2).reshape(batch, length, hidden))
-
-
-def _cpu_attention_with_dropout(q, k, v, attn_mask: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """What `scaled_dot_product_attention` computes on a CPU when it must drop out (its fused CPU kernel cannot, so
-    it takes this same unfused path), with the dropout mask drawn by `_keep_mask`."""
-    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
-    probs = scores.masked_fill(~attn_mask, float("-inf")).softmax(-1)
-    return dropout(probs, dropout_p, True).to(v.dtype) @ v
 
 
 class Layer(nn.Module):

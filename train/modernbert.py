@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from prep.errors import BertError
-from train.model import (SIZES, PretrainingOutput, SavedModelConfig, _cpu_attention_with_dropout, dropout,
-                         gather_positions)
+from train.attention import attention
+from train.dropout import dropout
+from train.model import SIZES, PretrainingOutput, SavedModelConfig, gather_positions
 
 INIT_STD = 0.02
 INIT_CUTOFF = 2.0  # transformers' initializer_cutoff_factor: weights are truncated at +-2 std
@@ -180,9 +181,11 @@ class Embeddings(nn.Module):
 
 
 class Rotary(nn.Module):
-    """RoPE cos/sin tables [L, head_dim] for one theta, cached per (length, device, dtype); not in the state dict.
+    """RoPE cos/sin tables [L, head_dim / 2] in float32 for one theta, cached per (length, device); not in the
+    state dict.
 
-    Frequencies and angles are computed in float32 and cast, as transformers does, so tables match it bit for bit.
+    transformers' tables repeat these twice along the last dimension (computed alike, in float32); the rotation needs
+    each half once, and a contiguous half broadcasts several times faster than a strided view of the whole.
     """
 
     def __init__(self, head_dim: int, theta: float):
@@ -190,22 +193,23 @@ class Rotary(nn.Module):
         self.head_dim, self.theta = head_dim, theta
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (length, device, dtype)
+    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (length, device)
         if key not in self._tables:
             exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
             inv_freq = 1.0 / (self.theta ** exponents)
             angles = torch.arange(length, device=device).float()[:, None] * inv_freq
-            angles = torch.cat((angles, angles), dim=-1)
-            self._tables[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+            self._tables[key] = (angles.cos(), angles.sin())
         return self._tables[key]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, L, D] rotated by position (half-split pairing), in float32 and cast back to x's dtype."""
-    x32 = x.float()
-    first, second = x32.chunk(2, dim=-1)
-    return (x32 * cos + torch.cat((-second, first), dim=-1) * sin).to(x.dtype)
+    """x [..., L, D] rotated by position (half-split pairing), in float32; cos, sin [L, D / 2] from `Rotary`.
+
+    The products transformers forms with its rotated copy of x, half by half, without making that copy.
+    """
+    first, second = x.float().chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 
 class Attention(nn.Module):
@@ -219,14 +223,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, L, H]; attn_mask bool broadcastable to [B, 1, L, L], true where a query may see a key."""
         batch, length, hidden = x.shape
-        # Wqkv's rows are q, k, v in turn, each split into heads: transformers' layout.
-        q, k, v = self.Wqkv(x).view(batch, length, 3, self.heads, self.head_dim).transpose(1, 3).unbind(2)
+        # Wqkv's rows are q, k, v in turn, each split into heads: transformers' layout. One copy into [3, B, heads,
+        # L, D] makes each contiguous, which the rotation and attention run faster on than on strided views.
+        qkv = self.Wqkv(x).view(batch, length, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        dropout_p = self.dropout_p if self.training else 0.0
-        if dropout_p and x.device.type == "cpu":
-            out = _cpu_attention_with_dropout(q, k, v, attn_mask, dropout_p)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        out = attention(q, k, v, attn_mask, self.dropout_p if self.training else 0.0)
         return dropout(self.Wo(out.transpose(1, 2).reshape(batch, length, hidden)), self.dropout_p, self.training)
 
 
@@ -286,8 +288,7 @@ class ModernBertModel(nn.Module):
         global_mask = attention_mask.bool()[:, None, None, :]
         x = self.embeddings(input_ids)
         local_mask = self._local_mask(global_mask, length) if not all(l.is_global for l in self.layers) else None
-        tables = {True: self.global_rotary(length, x.device, x.dtype),
-                  False: self.local_rotary(length, x.device, x.dtype)}
+        tables = {True: self.global_rotary(length, x.device), False: self.local_rotary(length, x.device)}
         for layer in self.layers:
             x = layer(x, global_mask if layer.is_global else local_mask, *tables[layer.is_global])
         return self.final_norm(x)

@@ -8,14 +8,9 @@ transformers = pytest.importorskip("transformers")
 
 from prep.errors import BertError  # noqa: E402
 from train.hf.bert import from_hf_state_dict, hf_config_dict, to_hf_state_dict  # noqa: E402
-from train.model import (  # noqa: E402
-    BertForPretraining,
-    ModelConfig,
-    _cpu_attention_with_dropout,
-    count_parameters,
-    dropout,
-    flops_per_token,
-)
+from train.attention import attention  # noqa: E402
+from train.dropout import dropout  # noqa: E402
+from train.model import BertForPretraining, ModelConfig, count_parameters, flops_per_token  # noqa: E402
 
 # 1000 is not a multiple of 64, so the padded-vocabulary path (1000 -> 1024 rows) is exercised.
 VOCAB = 1000
@@ -220,12 +215,12 @@ def test_cpu_attention_dropout_is_unbiased_and_ignores_padded_keys():
     q, k, v = (torch.randn(2, 2, 6, 8) for _ in range(3))
     attn_mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :]
     exact = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    draws = torch.stack([_cpu_attention_with_dropout(q, k, v, attn_mask, 0.1) for _ in range(4000)])
+    draws = torch.stack([attention(q, k, v, attn_mask, 0.1) for _ in range(4000)])
     assert torch.allclose(draws.mean(0), exact, atol=0.03)
     assert (draws != exact).any()
     v_other = v.clone()
     v_other[1, :, 4:] = 100.0  # values behind padded keys must never leak in
     torch.manual_seed(1)
-    first = _cpu_attention_with_dropout(q, k, v, attn_mask, 0.1)
+    first = attention(q, k, v, attn_mask, 0.1)
     torch.manual_seed(1)
-    assert torch.equal(_cpu_attention_with_dropout(q, k, v_other, attn_mask, 0.1)[1], first[1])
+    assert torch.equal(attention(q, k, v_other, attn_mask, 0.1)[1], first[1])
