@@ -19,7 +19,8 @@ speed alone. Equal wall-clock: every model's accuracy at the training time the f
 interpolated linearly between evaluations (a slower model is then mid-schedule: its lr has not decayed yet).
 
     python bench/learning.py                          # ~20 min on 2 cores; prints the table of docs/benchmarks.md
-    python bench/learning.py --out /tmp/learning.json --lr-probe 7e-4,1.4e-3,2.8e-3
+    python bench/learning.py --out /tmp/learning.json --probe lr=7e-4 --probe mask_prob=0.15 --probe dropout=0.1
+    python bench/learning.py --probes-only --probe warmup=6 --probe weight_decay=0.1     # the probes alone
 """
 
 from __future__ import annotations
@@ -74,10 +75,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--timing-skip", type=int, default=10, help="first steps left out of tokens/s")
     parser.add_argument("--sparse-steps", type=int, default=60, help="steps of HF ModernBERT with sparse_prediction")
-    parser.add_argument("--lr-probe", default="", help="comma-separated peak lrs for extra runs of our modernbert")
+    parser.add_argument("--probe", action="append", default=[], type=probe_setting, metavar="FIELD=VALUE",
+                        help="an extra run of our modernbert with this TrainConfig field changed (repeatable; "
+                             "FIELD=V1/V2 sets two fields: lr=1e-3/warmup=6 is one run)")
+    parser.add_argument("--probes-only", action="store_true", help="run the probes and the constant guess only")
     parser.add_argument("--scratch", type=Path, help="keep vocab, shards and runs here (default a temporary folder)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     return parser.parse_args()
+
+
+def probe_setting(text: str) -> dict:
+    """'lr=7e-4' or 'lr=7e-4/warmup=6' -> {'lr': 0.0007, 'warmup': 6}, typed as TrainConfig's defaults are."""
+    setting = {}
+    for part in text.split("/"):
+        name, _, value = part.partition("=")
+        if name not in TrainConfig.__dataclass_fields__ or not value:
+            raise argparse.ArgumentTypeError(f"{part!r} is not FIELD=VALUE for a TrainConfig field")
+        setting[name] = int(value) if value.isdigit() else float(value)
+    return setting
 
 
 def make_shards(scratch: Path, corpora: Path, args) -> Path:
@@ -124,14 +139,16 @@ def predict(logits_at, val: dict, rows: int = 128) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def ours(arch: str, shards: Path, scratch: Path, val: dict, special: dict, args, lr: float | None = None,
+def ours(arch: str, shards: Path, scratch: Path, val: dict, special: dict, args, changes: dict | None = None,
          curve: bool = True) -> dict:
-    """Our trainer with the arch's defaults; accuracy at every `eval_every`-th checkpoint against training time."""
-    name = f"ours-{arch}" + (f"-lr{lr:g}" if lr else "")
+    """Our trainer with the arch's defaults, but for `changes` (TrainConfig fields); accuracy at every
+    `eval_every`-th checkpoint against training time (at the end only, without `curve`)."""
+    changes = changes or {}
+    name = f"ours-{arch}" + "".join(f"-{k}{v:g}" for k, v in changes.items())
     config = TrainConfig(shards=str(shards), run_dir=str(scratch / name), arch=arch, size=args.size,
-                         batch_size=args.batch_size, steps=args.steps, lr=lr, precision="bf16", device="cpu",
+                         batch_size=args.batch_size, steps=args.steps, precision="bf16", device="cpu",
                          eval_every=0, save_every=args.eval_every if curve else 0, keep_last=10_000, log_every=5,
-                         seed=SEED, force=True)
+                         seed=SEED, force=True, **changes)
     run(config, progress=False)
     records = [json.loads(line) for line in (scratch / name / "metrics.jsonl").read_text().splitlines()]
     step_s = {}  # seconds of each logged window, by its last step
@@ -149,7 +166,8 @@ def ours(arch: str, shards: Path, scratch: Path, val: dict, special: dict, args,
                        **by_kind(guess, val, special)})
     timed = [s for k, s in step_s.items() if k > args.timing_skip]
     tokens = args.batch_size * args.max_len * (args.steps - args.timing_skip)
-    return {"model": name, "arch": arch, "lr": config.peak_lr, "mask_prob": config.dynamic_mask_prob or 0.15,
+    return {"model": name, "arch": arch, "changes": changes, "lr": config.peak_lr,
+            "warmup": config.warmup_steps(args.steps), "weight_decay": config.weight_decay, "mask_prob": config.dynamic_mask_prob or 0.15,
             "dropout": config.model_dropout, "masking": config.masking_mode, "steps": args.steps,
             "tokens_per_s": tokens / sum(timed), "curve": points, **points[-1]}
 
@@ -266,20 +284,21 @@ def main() -> None:
         special = dataset.vocab["special"]
         val = long_arrays(dataset.split("val").slice(0, min(args.eval_rows, dataset.split("val").rows)))
         baseline = constant_guess(val, special)
-        results = []
-        for arch in ("modernbert", "bert"):
-            for result in (lambda: ours(arch, shards, scratch, val, special, args),
-                           lambda: hugging_face(arch, shards, val, special, args)):
-                results.append(result())
-                print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), file=sys.stderr)
-        results.append(hugging_face("modernbert", shards, val, special, args, sparse=True))
-        equal_s = min(r["curve"][-1]["seconds"] for r in results if r["curve"])
-        for r in results:
-            if r["curve"]:
-                r["equal_time"] = at_time(r["curve"], equal_s)
+        results, equal_s = [], None
+        if not args.probes_only:
+            for arch in ("modernbert", "bert"):
+                for result in (lambda: ours(arch, shards, scratch, val, special, args),
+                               lambda: hugging_face(arch, shards, val, special, args)):
+                    results.append(result())
+                    print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), file=sys.stderr)
+            results.append(hugging_face("modernbert", shards, val, special, args, sparse=True))
+            equal_s = min(r["curve"][-1]["seconds"] for r in results if r["curve"])
+            for r in results:
+                if r["curve"]:
+                    r["equal_time"] = at_time(r["curve"], equal_s)
         probe = []
-        for lr in (float(x) for x in args.lr_probe.split(",") if x):
-            probe.append(ours("modernbert", shards, scratch, val, special, args, lr=lr, curve=False))
+        for changes in args.probe:
+            probe.append(ours("modernbert", shards, scratch, val, special, args, changes, curve=False))
             print(json.dumps({k: v for k, v in probe[-1].items() if k != "curve"}), file=sys.stderr)
         info = {"machine": machine(), "date": datetime.date.today().isoformat(),
                 "load_average": os.getloadavg(), "minutes": (time.time() - started) / 60,
@@ -290,13 +309,18 @@ def main() -> None:
     print(f"{info['machine']}, {info['date']}; {info['train_rows']:,} train rows of {args.max_len} tokens, "
           f"{info['val_rows']} val rows ({info['val_masked']:,} masked slots, {info['val_at_mask']:,} showing "
           f"[MASK]); {args.size} x {args.batch_size} x {args.max_len}; {info['minutes']:.1f} min\n")
-    print("\n".join(table(results, baseline, equal_s)))
+    if results:
+        print("\n".join(table(results, baseline, equal_s)))
+    print(f"best constant guess at [MASK]: {baseline['[MASK]']:.1%}")
     for r in probe:
-        print(f"lr probe, our modernbert at {r['lr']:g}: at [MASK] {r['[MASK]']:.1%}, mlm_acc {r['all']:.1%}")
+        changed = ", ".join(f"{k}={v:g}" for k, v in r["changes"].items())
+        print(f"probe, our modernbert with {changed} (lr {r['lr']:g}, warm-up {r['warmup']} steps, weight decay "
+              f"{r['weight_decay']:g}, mask {r['mask_prob']:g}, dropout {r['dropout']:g}): at [MASK] "
+              f"{r['[MASK]']:.1%}, all masked slots {r['all']:.1%}, {r['tokens_per_s']:,.0f} tokens/s")
     if args.out:
         args.out.write_text(json.dumps({**info, "args": {k: str(v) for k, v in vars(args).items()},
                                         "baseline": baseline, "equal_time_s": equal_s, "results": results,
-                                        "lr_probe": probe}, indent=1))
+                                        "probes": probe}, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from tests.prep.test_hf_tokenizer import train_byte_level_bpe, wiki_lines
 from train.config import TrainConfig
 from train.hf.export import export_hf
 from train.loop import run
+from train.predict import Predictor
 from train.pretrained import load_pretrained
 
 from .conftest import one_thread
@@ -67,3 +68,16 @@ def test_continue_pretraining_a_published_modernbert_and_get_our_logits_back(pub
     real = rows["attention_mask"].bool()
     assert rows["input_ids"].shape[1] > 16
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+
+    # berttrain predict on the run reads "[MASK]" in text through the tokenizer.json as transformers does, and gives
+    # the probabilities transformers' model gives there.
+    predictor = Predictor.load(ours)
+    text = "The album was released in [MASK] ."
+    ids = predictor.encode(text)
+    assert ids == tokenizer(text)["input_ids"] and ids.count(predictor.vocab.special.mask) == 1
+    top = predictor.fill_masks([text], top_k=3)[0]["masks"][0]
+    with torch.no_grad():
+        probs = theirs(input_ids=torch.tensor([ids])).logits[0, ids.index(predictor.vocab.special.mask)].softmax(-1)
+    for candidate in top:
+        assert abs(candidate["prob"] - probs[candidate["id"]].item()) < 1e-4
+    assert [c["id"] for c in top] == probs.topk(3).indices.tolist()
