@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import click
 
 from prep.errors import BertError
+from prep.locks import output_lock
+from prep.oserrors import explained_os_errors, os_error_message, release_descriptors
+from prep.outputs import remove_own_staging
 
 DEFAULT_VOCAB_DIR = Path("data/vocab")
 
 
 class ErrorHandlingGroup(click.Group):
-    """Turns our user errors into one line on stderr and exit status 1, and Ctrl-C into exit 130, without a trace."""
+    """Turns our user errors and OS errors (a full disk, a forbidden path) into one line on stderr and exit status 1,
+    and Ctrl-C into exit 130, without a trace."""
 
     interrupted_message = "interrupted: nothing was written; run the command again to start over"
 
@@ -23,9 +29,25 @@ class ErrorHandlingGroup(click.Group):
             return super().invoke(ctx)
         except BertError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(os_error_message(exc)) from None
         except KeyboardInterrupt:
             click.echo(self.interrupted_message, err=True)
             sys.exit(130)
+
+
+@contextmanager
+def sole_writer(out_dir: Path, flag: str) -> Iterator[None]:
+    """While the block runs, this job alone writes `out_dir` (a second job refuses at start: `prep.locks`), and an
+    OS error becomes one line naming it and `flag`, the option that chooses another output, with this job's staging
+    deleted."""
+    with explained_os_errors(out_dir, flag), output_lock(out_dir, flag):
+        try:
+            yield
+        except OSError as exc:
+            release_descriptors(exc)
+            remove_own_staging(out_dir)
+            raise
 
 
 def quiet_option(f):
@@ -93,7 +115,8 @@ def vocab(ctx, inputs, import_path, out_dir, vocab_size, model_type, lowercase, 
         for name, flag in _TRAINING_OPTIONS.items():
             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
                 raise click.UsageError(f"{flag} applies to training a vocabulary with -i, not to --import")
-        record = import_tokenizer(import_path, out_dir, force=force)
+        with sole_writer(out_dir, "-o"):
+            record = import_tokenizer(import_path, out_dir, force=force)
         special = " ".join(f"{role} {token}={record['special'][role]}"
                            for role, token in record["special_tokens"].items() if token is not None)
         click.echo(f"wrote {out_dir}/tokenizer.json: {record['vocab_size']:,} tokens (Hugging Face "
@@ -107,7 +130,8 @@ def vocab(ctx, inputs, import_path, out_dir, vocab_size, model_type, lowercase, 
                              sample_lines=sample_lines, threads=threads)
     except ValueError as exc:
         raise click.UsageError(str(exc))
-    record = make_vocab(list(inputs), out_dir, config, force=force)
+    with sole_writer(out_dir, "-o"):
+        record = make_vocab(list(inputs), out_dir, config, force=force)
     click.echo(f"wrote {out_dir}/vocab.txt: {record['vocab_size']:,} tokens ({record['model_type']}, "
                f"{'uncased' if record['lowercase'] else 'cased'}) from {record['lines_used']:,} lines")
 
@@ -171,7 +195,8 @@ def shard(inputs, vocab_path, out_dir, label, max_len, seed, mask_prob, max_pred
         val_inputs=tuple(val_inputs), rows_per_shard=rows_per_shard, lowercase=lowercase, label=label,
         workers=workers, force=force, progress=not quiet,
     )
-    result = build_shards(config)
+    with sole_writer(out_dir, "-o"):
+        result = build_shards(config)
     click.echo(_shard_summary(out_dir, result))
 
 

@@ -1,19 +1,27 @@
 """Writing outputs so that a reader finds the old output or the complete new one, never half of either.
 
 A file is written under a hidden temporary name in its own directory (`.NAME.tmp-PID`) and renamed over the old
-one; a directory is built as a hidden `.NAME.partial` beside it and renamed into place. Standard library only:
-`prep` and `train` both write with it.
+one; a directory is built as a hidden `.NAME.partial-PID-HEX` beside it and renamed into place. Staging names are
+unique per job and name its process, so that no job deletes or overwrites another's work: a job clears only the
+staging of jobs no longer running. Standard library only: `prep` and `train` both write with it.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
 from prep.errors import BertError
+from prep.locks import process_alive
+
+STAGING_KINDS = ("partial", "old")  # a directory being built; an old output being replaced
+_STAGING_RE = re.compile(rf"\.(?P<name>.+)\.(?P<kind>{'|'.join(STAGING_KINDS)})(?:-(?P<pid>\d+)-[0-9a-f]+)?")
 
 
 def temporary_name(path: Path) -> Path:
@@ -39,6 +47,10 @@ def open_atomic(path: Path, text: bool = False, fsync: bool = False) -> Iterator
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(temporary, path)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write (a full disk) names no file
+            exc.filename = str(path)
+        raise
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -82,22 +94,63 @@ def remove(path: Path, ignore_errors: bool = False) -> None:
             raise
 
 
-def staging_dir(out_dir: Path) -> Path:
-    """The hidden `.NAME.partial` directory beside `out_dir`, created empty (one left by a killed run cleared)."""
+def staging_name(out_dir: Path, kind: str = "partial") -> Path:
+    """`.NAME.KIND-PID-HEX` beside `out_dir`: this job's staging of `kind` (one of STAGING_KINDS), a name no other
+    job uses."""
     out_dir = Path(out_dir)
-    staging = out_dir.parent / f".{out_dir.name}.partial"
-    remove(staging)
-    staging.mkdir(parents=True)
+    return out_dir.parent / f".{out_dir.name}.{kind}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def staging_owner(path: Path) -> tuple[str, int | None] | None:
+    """(NAME, pid of the job) of a staging path; pid None for the `.NAME.partial` of older versions; None when
+    `path` is no staging path."""
+    match = _STAGING_RE.fullmatch(Path(path).name)
+    if match is None:
+        return None
+    return match.group("name"), int(match.group("pid")) if match.group("pid") else None
+
+
+def leftover_staging(out_dir: Path) -> list[Path]:
+    """The staging paths of `out_dir` that jobs no longer running left beside it (killed, or crashed while
+    cleaning up)."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    found = []
+    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*"):
+        owner = staging_owner(path)
+        if owner is not None and owner[0] == out_dir.name and (owner[1] is None or not process_alive(owner[1])):
+            found.append(path)
+    return sorted(found)
+
+
+def remove_own_staging(out_dir: Path) -> None:
+    """Deletes this job's staging beside `out_dir`, which an error that also defeated its own cleanup left (no file
+    descriptor left to delete it with)."""
+    out_dir = Path(out_dir)
+    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*") if out_dir.parent.is_dir() else ():
+        if staging_owner(path) == (out_dir.name, os.getpid()):
+            remove(path, ignore_errors=True)
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """This job's staging directory beside `out_dir` (`staging_name`), created empty; what killed jobs left there
+    for the same output is cleared first."""
+    out_dir = Path(out_dir)
+    for leftover in leftover_staging(out_dir):
+        remove(leftover, ignore_errors=True)
+    staging = staging_name(out_dir)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
     return staging
 
 
 def move_into_place(staging: Path, out_dir: Path) -> None:
-    """Renames the finished `staging` directory to `out_dir`. An old `out_dir` is first renamed aside to
-    `.NAME.old` and deleted after, so that `out_dir` is missing only between two renames."""
+    """Renames the finished `staging` directory to `out_dir`. An old `out_dir` is first renamed aside (a staging
+    name of kind "old") and deleted after, so that `out_dir` is missing only between two renames."""
     out_dir = Path(out_dir)
     if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old"
-        remove(old, ignore_errors=True)
+        old = staging_name(out_dir, "old")
         os.replace(out_dir, old)
         os.replace(staging, out_dir)
         remove(old, ignore_errors=True)  # the new output is in place: a leftover must not fail the command

@@ -60,10 +60,12 @@ a few blocks of input are in flight. The main process only cuts the input into b
 start; the workers decode, read and tokenize the blocks and mask the rows. The output is byte-identical for any
 `--workers`.
 
-**Writing**: the job writes into a hidden `.NAME.partial/` directory and renames it into place after the manifest,
-which is written last: Ctrl-C or `kill` leaves no dataset that could be taken for complete, and a re-run starts over
-cleanly. Bad input (a missing or empty file, a missing vocabulary, `--max-len` out of range, an existing output) is
-one line on stderr and exit status 1; invalid UTF-8 is replaced and counted, and the summary says so.
+**Writing**: the job writes into a hidden `.NAME.partial-PID-HEX/` directory of its own and renames it into place
+after the manifest, which is written last: Ctrl-C or `kill` leaves no dataset that could be taken for complete, and a
+re-run starts over cleanly. It holds `.NAME.lock` beside the output while it runs: a second job on the same output
+refuses at start, naming the first. Bad input (a missing or empty file, a missing vocabulary, `--max-len` out of
+range, an existing output) and OS errors (a full disk, a read-only directory) are one line on stderr and exit status
+1; invalid UTF-8 is replaced and counted, and the summary says so.
 """,
     "bertprep peek": """
 Rows are printed the way one debugs BERT (`Input Tokens`, `Target Tokens`, `Masked Positions`). `--stats` measures

@@ -1,6 +1,8 @@
-"""Shared fixtures: the real WikiText-2 corpora beside the checkout."""
+"""Shared fixtures: the real WikiText-2 corpora beside the checkout, real vocabularies and shards made from them,
+and a small real disk to fill up."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,46 @@ def wiki_shards_16(tmp_path_factory, vocab_dir, wiki_valid, wiki_test) -> Path:
     budget (see tests/train/test_loop.py)."""
     return build_wiki_shards(tmp_path_factory.mktemp("shards") / "wiki_16", vocab_dir, [wiki_test], [wiki_valid],
                              max_len=16)
+
+
+class SmallDisk:
+    """A tmpfs of its own at `path`: a real file system that a test fills up, or turns read-only."""
+
+    FILLER = "filler.bin"
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def free_bytes(self) -> int:
+        stat = os.statvfs(self.path)
+        return stat.f_bavail * stat.f_frsize
+
+    def fill(self, leave_bytes: int = 0) -> None:
+        """Writes a filler file until only `leave_bytes` are free."""
+        with open(self.path / self.FILLER, "ab") as f:
+            while (missing := self.free_bytes() - leave_bytes) > 0:
+                f.write(bytes(min(missing, 1 << 20)))
+                f.flush()
+
+    def free(self) -> None:
+        """Deletes the filler: the space comes back."""
+        (self.path / self.FILLER).unlink(missing_ok=True)
+
+    def read_only(self, on: bool = True) -> None:
+        subprocess.run(["mount", "-o", f"remount,{'ro' if on else 'rw'}", str(self.path)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> SmallDisk:
+    """A 32 MiB tmpfs mounted at tmp_path/disk for the test, unmounted after; skipped where mounting is not allowed
+    (the tests run as root on CI)."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(path)],
+                                                   capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("mounting a tmpfs needs root: the disk-full and read-only tests run where that is allowed")
+    try:
+        yield SmallDisk(path)
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)

@@ -1,9 +1,11 @@
-"""`berttrain`: the command line of the training half (run, eval; predict, export, finetune, report). Parses options,
-calls the work functions, prints."""
+"""`berttrain`: the command line of the training half (run, eval, verify; predict, export, finetune, report). Parses
+options, calls the work functions, prints."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -11,7 +13,7 @@ from click.core import ParameterSource
 
 from prep.errors import BertError
 
-from prep.cli import ErrorHandlingGroup, quiet_option
+from prep.cli import ErrorHandlingGroup, quiet_option, sole_writer
 from train.config import TrainConfig
 from train.finetune import FinetuneConfig
 from train.diagnose import overfit_verdict
@@ -62,7 +64,9 @@ def main():
 def run(ctx, quiet, **options):
     """Train a BERT on shards; write config, metrics and checkpoints to a run directory.
 
-    With --resume, the run's saved options apply, except those given again on this command line.
+    With --resume, the run's saved options apply, except those given again on this command line; it continues
+    from the newest checkpoint whose files all match their recorded sha256. SIGTERM or Ctrl-C finishes the step,
+    saves a checkpoint, prints the command that resumes it and exits 143 or 130; a second one stops at once.
 
     \b
     Example:
@@ -72,6 +76,7 @@ def run(ctx, quiet, **options):
     """
     from train.evaluate import format_eval
     from train.loop import run as run_training
+    from train.preempt import Preempted
     from train.rundir import load_run_config
 
     config = TrainConfig(**options)  # checks the flags as given, before anything is read
@@ -82,7 +87,16 @@ def run(ctx, quiet, **options):
         config = saved.replace(force=False, init_from=None, **given)
     elif not config.shards:
         raise click.UsageError("pass --shards DIR (a dataset made by `bertprep shard`)")
-    summary = run_training(config, progress=not quiet)
+    try:
+        summary = run_training(config, progress=not quiet)
+    except Preempted as stop:  # the loop has saved and said how to resume
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # At once, without the interpreter's finalisation: torchrun sends SIGTERM to the processes still alive
+            # when the first one exits, and they would die by it instead of exiting 143 too.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(stop.exit_status)
+        ctx.exit(stop.exit_status)
     if summary is None:  # not rank 0
         return
     line = f"run {summary['run_dir']}: {summary['step']} steps"
@@ -223,7 +237,8 @@ def export(source, checkpoint, vocab, out_dir, weights_format, force):
     """
     from train.hf.export import export_hf
 
-    record = export_hf(source, out_dir, checkpoint, vocab, weights_format, force)
+    with sole_writer(out_dir, "--hf"):
+        record = export_hf(source, out_dir, checkpoint, vocab, weights_format, force)
     click.echo(f"wrote {record['out_dir']}: {record['architecture']}, {record['tensors']} tensors "
                f"({record['parameters'] / 1e6:.2f}M parameters) from {record['source']}, "
                f"{'lowercase' if record['lowercase'] else 'cased'} vocabulary, model_max_length "
@@ -250,7 +265,8 @@ def finetune(quiet, **options):
     from train.finetune import finetune as run_finetune, format_epoch
 
     config = FinetuneConfig(**options)
-    summary = run_finetune(config, progress=not quiet)
+    with sole_writer(Path(config.out_dir), "--out"):
+        summary = run_finetune(config, progress=not quiet)
     best = summary["best"]
     click.echo(f"best epoch {summary['best_epoch']} of {len(summary['epochs'])}: {format_epoch(best)}")
     if "test" in summary:
@@ -288,3 +304,34 @@ def report(run_dir, out, png, samples, device):
         raise click.UsageError("--samples must be 0 or more")
     path = write_report(run_dir, out, png=png, samples=samples, device=str(resolve_device(device)))
     click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True,
+              help="Run directory (or one checkpoint directory).")
+def verify(run_dir):
+    """Re-hash every checkpoint of a run against its COMPLETE marker; exit status 1 if one is damaged.
+
+    Prints one line per checkpoint: ok, damaged (with the file and what is wrong) or incomplete (a save that was
+    interrupted, which nothing reads). Commands that take a run's newest checkpoint skip damaged ones.
+
+    \b
+    Example:
+      berttrain verify --run runs/mini
+    """
+    from train.checkpoint import verify_run
+
+    found = verify_run(run_dir)
+    if not found:
+        raise BertError(f"--run {run_dir}: no checkpoints to verify")
+    for entry in found:
+        line = f"{entry['status']:<10} {entry['checkpoint']}"
+        if entry["reason"]:
+            line += f": {entry['reason']}"
+        elif not entry["listed"]:
+            line += " (an older marker without sizes and hashes: torch CRCs and JSON checked)"
+        click.echo(line)
+    damaged = [entry for entry in found if entry["status"] == "damaged"]
+    if damaged:
+        raise BertError(f"{len(damaged)} of {len(found)} checkpoints of {run_dir} are damaged; --resume and the "
+                        f"other commands skip them")

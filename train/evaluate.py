@@ -156,15 +156,13 @@ def format_eval(result: dict, prefix: str = "") -> str:
 def eval_run(run_dir: Path, shards: Path | None = None, split: str = "val", checkpoint: Path | None = None,
              batch_size: int = 64, max_rows: int | None = None, device: str = "auto", precision: str | None = None,
              samples: int = 0) -> dict:
-    """`berttrain eval`: loss, perplexity and accuracy of a run's latest (or the given) checkpoint on a split of
-    its shards (or of `shards`), at the run's precision unless `precision` says otherwise."""
+    """`berttrain eval`: loss, perplexity and accuracy of a run's newest checkpoint that verifies (or the given
+    one) on a split of its shards (or of `shards`), at the run's precision unless `precision` says otherwise."""
     run_dir = Path(run_dir)
     if checkpoint is None:
         if not run_dir.is_dir():
             raise BertError(f"--run {run_dir}: no such run directory")
-        checkpoint = ckpt.latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise BertError(f"--run {run_dir}: the run has no complete checkpoint yet")
+        checkpoint = ckpt.usable_checkpoint(run_dir, "--run", hashed=ckpt.WEIGHT_FILES)
     else:
         checkpoint = ckpt.resolve_checkpoint(Path(checkpoint), "--checkpoint")
     info = ckpt.read_info(checkpoint)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -34,7 +36,8 @@ from train.masking import DeviceMaskTables, mask_draws, remask
 from train.metrics import (TENSORBOARD_DIR, BarSink, JsonlSink, MetricsWriter, Sink,
                            require_tensorboard, tensorboard_sink)
 from train.optim import make_optimizer
-from train.rundir import METRICS_FILE, prepare_run_dir, write_run_files
+from train.preempt import Preempted, StopRequests, agreed_stop, resume_command
+from train.rundir import METRICS_FILE, claimed_run_dir, prepare_resume, prepare_run_dir, write_run_files
 from train.runtime import Runtime, all_reduce, log, on_main, setup, teardown
 from train.schedule import Plan
 from train.sources import check_dataset, initial_model, resumed_model
@@ -93,9 +96,8 @@ def build(config: TrainConfig, runtime: Runtime) -> Trainer:
     dataset = open_dataset(Path(config.shards))
     train_split = dataset.split("train")
     resume_from = None
-    if config.resume:
-        run_dir = Path(on_main(runtime, lambda: str(prepare_run_dir(config))))
-        resume_from = ckpt.latest_checkpoint(run_dir)
+    if config.resume:  # rank 0 picks the checkpoint (hashing it), every rank reads it
+        run_dir, resume_from = map(Path, on_main(runtime, lambda: [str(p) for p in prepare_resume(config)]))
         source = resumed_model(run_dir, resume_from)
     else:
         source = initial_model(config, dataset)
@@ -233,8 +235,14 @@ def train_step(trainer: Trainer, micro: list[dict[str, torch.Tensor]], step: int
 def fit(trainer: Trainer, stop_at: int | None = None, progress: bool = True) -> dict:
     """Trains from `trainer.step` to the planned steps (or `stop_at`), logging, evaluating and saving on the way.
 
-    Returns a summary: steps done, last loss, non-finite steps skipped, last evaluation, overfit verdict.
+    Returns a summary: steps done, last loss, non-finite steps skipped, last evaluation, overfit verdict. On
+    SIGTERM or SIGINT every process stops after the same step, rank 0 saves it, and `Preempted` is raised.
     """
+    with StopRequests(announce=trainer.runtime.is_main) as requests:
+        return _fit(trainer, requests, stop_at, progress)
+
+
+def _fit(trainer: Trainer, requests: StopRequests, stop_at: int | None, progress: bool) -> dict:
     from tqdm import tqdm
 
     config, runtime, plan = trainer.config, trainer.runtime, trainer.plan
@@ -247,6 +255,7 @@ def fit(trainer: Trainer, stop_at: int | None = None, progress: bool = True) -> 
     first_loss = last = None
     last_eval = None
     window = {"time": 0.0, "wait": 0.0, "steps": 0, "skipped": 0}
+    stopped_by = 0
     try:
         while trainer.step < end:
             # Forward, backward, update.
@@ -297,6 +306,10 @@ def fit(trainer: Trainer, stop_at: int | None = None, progress: bool = True) -> 
                 last_eval = _evaluate_during_fit(trainer, metrics)
             if config.save_every and trainer.step % config.save_every == 0 and trainer.last_saved_step != trainer.step:
                 save(trainer)
+
+            # Preemption: after the step's records and evaluation, so that a resumed run repeats none of them.
+            if trainer.step < end and (stopped_by := agreed_stop(requests, runtime)):
+                break
     finally:
         stream.close()
         bar.close()
@@ -305,6 +318,13 @@ def fit(trainer: Trainer, stop_at: int | None = None, progress: bool = True) -> 
     # Termination: the last step is always saved.
     if trainer.last_saved_step != trainer.step:
         save(trainer)
+    if stopped_by:
+        log(runtime, f"stopped by {signal.Signals(stopped_by).name} after step {trainer.step} of {plan.steps}, "
+                     f"saved as {ckpt.checkpoints_dir(trainer.run_dir) / ckpt.checkpoint_name(trainer.step)}; "
+                     f"resume with: {resume_command(trainer.run_dir)}")
+        if runtime.distributed:
+            dist.barrier()  # the line is out before any process exits and torchrun stops the others
+        raise Preempted(stopped_by, trainer.step)
     summary = {"run_dir": str(trainer.run_dir), "step": trainer.step, "steps": plan.steps,
                "loss": last.loss if last else None, "nonfinite_steps": trainer.nonfinite_total,
                "eval": last_eval}
@@ -354,8 +374,9 @@ def run(config: TrainConfig, progress: bool = True, stop_at: int | None = None) 
     """`berttrain run`: setup -> build -> fit. Returns fit's summary on rank 0, None on the other ranks."""
     runtime = setup(config.device, config.precision)
     try:
-        trainer = build(config, runtime)
-        summary = fit(trainer, stop_at=stop_at, progress=progress)
+        with claimed_run_dir(config, runtime) as config:
+            trainer = build(config, runtime)
+            summary = fit(trainer, stop_at=stop_at, progress=progress)
         return summary if runtime.is_main else None
     finally:
         teardown(runtime)

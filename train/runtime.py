@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from prep.errors import BertError
+from prep.oserrors import os_error_message
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -115,19 +116,22 @@ def all_reduce(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
 
 
 def on_main(runtime: Runtime, fn):
-    """Runs `fn` on rank 0 only and gives every rank its result, or raises its BertError on every rank."""
-    result, error = None, None
+    """Runs `fn` on rank 0 only and gives every rank its result. A BertError or OSError of `fn` is raised on rank 0
+    as it was, and on every other rank as a BertError with its message, so that no rank waits for one that left."""
+    result, error, message = None, None, None
     if runtime.is_main:
         try:
             result = fn()
-        except BertError as exc:
-            error = str(exc)
+        except (BertError, OSError) as exc:
+            error, message = exc, str(exc) if isinstance(exc, BertError) else os_error_message(exc)
     if runtime.distributed:
-        box = [(result, error)]
+        box = [(result, message)]
         dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
+        result, message = box[0]
     if error is not None:
-        raise BertError(error)
+        raise error
+    if message is not None:
+        raise BertError(message)
     return result
 
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from prep.errors import BertError
 from train import checkpoint as ckpt
+from train.runtime import on_main
 
 if TYPE_CHECKING:
     from train.loop import Trainer
@@ -42,8 +43,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(trainer: Trainer) -> Path | None:
-    """Checkpoint of the current step (rank 0 writes; every rank takes part in gathering RNG states)."""
+def save(trainer: Trainer) -> Path:
+    """Checkpoint of the current step (rank 0 writes; every rank takes part in gathering RNG states). A failed
+    write (a full disk) raises on every rank, with the checkpoints saved before intact."""
     rt = trainer.runtime
     rng = rng_state()
     rngs = [None] * rt.world_size
@@ -51,8 +53,8 @@ def save(trainer: Trainer) -> Path | None:
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
-    path = None
-    if rt.is_main:
+
+    def write() -> Path:
         state = {
             ckpt.KEY_OPTIMIZER: trainer.optimizer.state_dict(),
             ckpt.KEY_SCALER: trainer.scaler.state_dict() if trainer.scaler is not None else {},
@@ -69,9 +71,10 @@ def save(trainer: Trainer) -> Path | None:
         path = ckpt.save_checkpoint(trainer.run_dir, trainer.step, trainer.model.state_dict(),
                                     trainer.model.config.as_dict(), state, info)
         ckpt.prune(trainer.run_dir, trainer.config.keep_last)
+        return path
+
+    path = on_main(rt, write)  # also the barrier after the save: no rank runs ahead, none waits for a failed one
     trainer.last_saved_step = trainer.step
-    if rt.distributed:
-        dist.barrier()
     return path
 
 

@@ -3,11 +3,14 @@
 import os
 import resource
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from prep.errors import BertError
-from prep.outputs import open_atomic, refuse_existing, staged_dir, temporary_name, write_atomic
+from prep.outputs import (leftover_staging, open_atomic, refuse_existing, staged_dir, staging_owner, temporary_name,
+                          write_atomic)
 
 
 def test_write_atomic_round_trips_str_and_bytes_and_leaves_only_the_file(tmp_path):
@@ -103,32 +106,47 @@ def test_refuse_existing_message_and_what_counts_as_taken(tmp_path):
 
 
 def test_staged_dir_replaces_the_old_output_and_leaves_no_staging(tmp_path):
-    """Writes go to the hidden `.NAME.partial` beside the output; on success the new directory replaces the old one
-    whole (no old file survives) and neither `.NAME.partial` nor `.NAME.old` remains."""
+    """Writes go to the hidden `.NAME.partial-PID-HEX` beside the output, named for this job; on success the new
+    directory replaces the old one whole (no old file survives) and no staging (`.NAME.partial-…`, `.NAME.old-…`)
+    remains."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old run")
     with staged_dir(out) as staging:
-        assert staging == tmp_path / ".out.partial" and list(staging.iterdir()) == []
+        assert staging.parent == tmp_path and staging.name.startswith(f".out.partial-{os.getpid()}-")
+        assert staging_owner(staging) == ("out", os.getpid()) and list(staging.iterdir()) == []
         (staging / "model.pt").write_bytes(b"weights")
         assert (out / "stale.txt").is_file()  # nothing at the output changes until the block ends
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in out.iterdir()) == ["model.pt"] and (out / "model.pt").read_bytes() == b"weights"
 
 
-def test_staged_dir_replaces_a_file_and_clears_a_killed_runs_staging(tmp_path):
-    """A file where the directory should go is replaced; what a killed run left in `.NAME.partial` is cleared
-    before the new writes start."""
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_staged_dir_replaces_a_file_and_clears_only_dead_jobs_staging(tmp_path):
+    """A file where the directory should go is replaced; what killed jobs left (staging named for a pid that is
+    gone, or the unsuffixed `.NAME.partial` of older versions) is cleared before the new writes start, while a live
+    job's staging for the same output, and staging of another output, are left alone: no job deletes another's
+    work."""
     out = tmp_path / "out"
     out.write_text("a file")
-    leftover = tmp_path / ".out.partial"
-    leftover.mkdir()
-    (leftover / "half.npy").write_bytes(b"half")
+    dead = [tmp_path / ".out.partial", tmp_path / f".out.partial-{_dead_pid()}-0a0b0c",
+            tmp_path / f".out.old-{_dead_pid()}-0d0e0f"]
+    live = [tmp_path / f".out.partial-{os.getppid()}-abcdef", tmp_path / f".other.partial-{_dead_pid()}-123456"]
+    for path in dead + live:
+        path.mkdir()
+        (path / "half.npy").write_bytes(b"half")
+    assert leftover_staging(out) == sorted(dead)
     with staged_dir(out) as staging:
         assert list(staging.iterdir()) == []
         (staging / "done").write_text("ok")
     assert out.is_dir() and [p.name for p in out.iterdir()] == ["done"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *(p.name for p in live)])
 
 
 def test_staged_dir_on_an_error_keeps_the_old_output_and_deletes_the_staging(tmp_path):

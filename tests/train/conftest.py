@@ -43,6 +43,24 @@ def pretrained_run(tmp_path_factory, wiki_shards) -> Path:
     return run_dir
 
 
+# One layer: what the tests of faults and locks need is a real run with checkpoints, made in a second or two.
+TINY_RUN = dict(size="tiny", layers=1, hidden=64, batch_size=16, eval_every=0, log_every=1, precision="fp32",
+                device="cpu", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, wiki_shards) -> Path:
+    """A three-step run of TINY_RUN on wiki_shards with its one checkpoint, to export and fine-tune from."""
+    from train.config import TrainConfig
+    from train.loop import run
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "tiny"
+    with one_thread():
+        run(TrainConfig(shards=str(wiki_shards), run_dir=str(run_dir), steps=3, save_every=3, **TINY_RUN),
+            progress=False)
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def hf_export(tmp_path_factory, pretrained_run) -> Path:
     """`berttrain export` of the pretrained run: a Hugging Face directory."""

@@ -1,5 +1,6 @@
 """Checkpoints: atomic saves that count only once complete, found by step, pruned to the last K and the best."""
 
+import hashlib
 import json
 
 import pytest
@@ -21,7 +22,11 @@ def test_a_checkpoint_holds_weights_config_state_and_a_marker(tmp_path):
     path = _save(tmp_path, 1000, model)
     assert path == tmp_path / "checkpoints" / "step-00001000"
     assert ckpt.is_complete(path)
-    assert json.loads((path / ckpt.COMPLETE_MARKER).read_text()) == {"step": 1000}
+    marker = json.loads((path / ckpt.COMPLETE_MARKER).read_text())
+    assert marker["step"] == 1000 and sorted(marker["files"]) == sorted(ckpt.ALL_FILES)
+    assert marker["files"][ckpt.MODEL_WEIGHTS_FILE] == {
+        "bytes": (path / ckpt.MODEL_WEIGHTS_FILE).stat().st_size,
+        "sha256": hashlib.sha256((path / ckpt.MODEL_WEIGHTS_FILE).read_bytes()).hexdigest()}
     weights = ckpt.load_weights(path)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert ModelConfig.from_dict(ckpt.load_model_config(path)) == model.config
@@ -57,6 +62,16 @@ def test_prune_keeps_the_last_k_and_the_best(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "best.json", "step-00000020", "step-00000040", "step-00000050"]
     assert ckpt.read_best(tmp_path)["checkpoint"] == "step-00000020"
+
+
+def test_pruning_after_every_save_keeps_the_last_k(tmp_path):
+    """As the loop prunes, after each save: with fewer checkpoints than keep_last so far, none goes (there was a
+    slice that dropped all but the newest while there were keep_last - 1), and so a damaged newest always has an
+    older one to fall back to."""
+    for step in (10, 20, 30, 40):
+        _save(tmp_path, step)
+        ckpt.prune(tmp_path, keep_last=3)
+        assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [10, 20, 30, 40][max(0, step // 10 - 3):step // 10]
 
 
 def test_resolving_what_is_not_a_checkpoint_is_a_clear_error(tmp_path):

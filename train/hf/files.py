@@ -17,6 +17,7 @@ import torch
 
 from prep.errors import BertError
 from prep.wordpiece import SPECIAL_TOKENS, Vocab
+from train.checkpoint import save_torch_file
 from train.hf import mapping_for
 
 HF_CONFIG_FILE = "config.json"
@@ -125,11 +126,13 @@ def write_hf_weights(out_dir: Path, weights: dict[str, torch.Tensor], weights_fo
     """Writes `weights` (no two sharing memory) as model.safetensors or, for "pytorch", pytorch_model.bin into
     `out_dir`; returns the file's name."""
     if weights_format == "safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(weights, str(out_dir / SAFETENSORS_FILE), metadata={"format": "pt"})
+        # Serialised here and written by Python, whose OSError (a full disk) says what failed; the library's own
+        # writer reports it as an error of its own type.
+        (out_dir / SAFETENSORS_FILE).write_bytes(save(weights, metadata={"format": "pt"}))
         return SAFETENSORS_FILE
-    torch.save(weights, out_dir / PYTORCH_FILE)
+    save_torch_file(weights, out_dir / PYTORCH_FILE)
     return PYTORCH_FILE
 
 
