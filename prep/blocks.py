@@ -1,26 +1,17 @@
-"""Inputs in blocks for the parallel shard job: raw bytes cut where documents start, parsed apart in workers.
+"""One block of raw input bytes holding whole documents, parsed into documents in the worker that read it.
 
-`read_blocks` (in the main process) finds document starts in raw bytes without decoding; `block_documents` (in
-a worker) parses one block and gives exactly the documents and counts `prep.corpus.read_documents` would.
+`prep.ranges` cuts the inputs into such blocks where documents start; `block_documents` gives exactly the documents
+and counts `prep.corpus.read_documents` gives for that stretch of the input.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
-from prep.errors import BertError
 from prep.formats import (DEFAULT_MAX_DOC_CHARS, DEFAULT_MAX_LINE_CHARS, JSON_ESCAPE_FACTOR, check_limits,
-                          detect_format, format_events, group_documents, is_title, wikitext_line)
-from prep.textio import ReadStats, checked_inputs, open_binary
-
-BLOCK_BYTES = 1 << 18  # text per block handed to a worker
-
-_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
-_TITLE_CANDIDATE = re.compile(rb"\n[ \t]*= [^\n]* =[ \t\r]*(?=\n)")  # a whole line: a cut-off one may lose its end
-_TITLE_SEARCH_TAIL = 1 << 16  # bytes at a block's end searched for a title first (WikiText-2 has one every ~20 KB)
+                          format_events, group_documents, wikitext_line)
+from prep.textio import ReadStats
 
 
 @dataclass(frozen=True)
@@ -31,53 +22,11 @@ class TextBlock:
     path: str
     format: str
     data: bytes
-    first_line: int  # 1-based number of the block's first line in its file
-    at_start: bool  # the block opens its file, so a UTF-8 byte-order mark may lead
-    continues: bool = False  # the block goes on with a document too long for the last one, already counted as cut
-
-
-def read_blocks(paths: Sequence[Path], stats: ReadStats, *, block_bytes: int = BLOCK_BYTES,
-                max_doc_chars: int = DEFAULT_MAX_DOC_CHARS) -> Iterator[TextBlock]:
-    """The inputs as blocks of about `block_bytes` (decompressed), each ending where a document starts: before a
-    WikiText title, after a blank line, after a JSON Lines record. Counts files and bytes in `stats`; nothing is
-    decoded here. A document with no start in `4 × max_doc_chars` bytes (so at least max_doc_chars characters,
-    which `block_documents` cuts and counts) is cut at a line end, or at a space, and the next block goes on with it;
-    a JSON Lines record that long is an error. Raises BertError like read_documents, except for an input that
-    holds no document (see `empty_input_error`)."""
-    max_block_bytes = max(block_bytes, 4 * max_doc_chars)
-    for path in checked_inputs(paths):
-        fmt = detect_format(path)
-        stats.files += 1
-        first_line, at_start, continues, pending = 1, True, False, bytearray()
-        searched = 0  # pending[:searched] holds no document start (but for one cut off at its end)
-        with open_binary(path) as f:
-            while True:
-                raw = f.read(block_bytes)
-                stats.bytes += len(raw)
-                pending += raw
-                if raw and len(pending) < block_bytes:
-                    continue
-                cut = _last_document_start(pending, fmt, searched) if raw else len(pending)
-                if raw and not cut:
-                    searched = len(pending)
-                    if len(pending) < max_block_bytes:
-                        continue
-                    if fmt == "jsonl":
-                        raise BertError(f"{path}:{first_line}: record is longer than {max_block_bytes} bytes; "
-                                        "split the document into several records")
-                    cut = (pending.rfind(b"\n") + 1) or (pending.rfind(b" ") + 1) or len(pending)
-                    forced = True
-                else:
-                    forced = False
-                if cut:
-                    data = bytes(pending[:cut])
-                    del pending[:cut]
-                    searched = 0
-                    yield TextBlock(str(path), fmt, data, first_line, at_start, continues)
-                    first_line += data.count(b"\n")
-                    at_start, continues = False, forced
-                if not raw:
-                    break
+    first_line: int = 1  # 1-based number of the block's first line in its file, as far as known (for messages)
+    at_start: bool = True  # the block opens its file, so a UTF-8 byte-order mark may lead
+    continues: bool = False  # the block goes on with a document too long for the last one
+    first_cut: bool = False  # and that document was cut here first (the cut counts as a long document split)
+    offset: int = 0  # the block's first byte in the file's (decompressed) text
 
 
 def block_documents(block: TextBlock, stats: ReadStats, *, max_line_chars: int = DEFAULT_MAX_LINE_CHARS,
@@ -85,6 +34,7 @@ def block_documents(block: TextBlock, stats: ReadStats, *, max_line_chars: int =
     """The documents (their lines) of one block, read by the rules of `read_documents`; counts what it reads in
     `stats` (lines, invalid UTF-8, long lines and documents split)."""
     check_limits(max_line_chars, max_doc_chars)
+    stats.long_documents_split += block.first_cut
     text = block.data.decode("utf-8-sig" if block.at_start else "utf-8", errors="replace")
     if "\ufffd" in text:
         stats.invalid_utf8 += text.count("\ufffd") - block.data.count(b"\xef\xbf\xbd")
@@ -123,25 +73,3 @@ def _plain_block_documents(text: str, wikitext: bool, max_line_chars: int,
     if current:
         documents.append(tuple(current))
     return documents
-
-
-def _last_document_start(data: bytearray, fmt: str, searched: int = 0) -> int:
-    """The offset of the last document start in `data` after its first byte, or 0 if none is found; `data` up to
-    `searched` is known to hold none, so only the line it ends in and what follows are searched (a block that grows
-    is not searched again from its start). Only ASCII blank lines and titles count, which can miss a boundary (the
-    block then grows) but never invents one."""
-    if fmt == "jsonl":
-        return data.rfind(b"\n", searched) + 1
-    start = max(0, data.rfind(b"\n", 0, searched))  # both patterns begin at a newline
-    if fmt == "text":
-        found = [m.end() for m in _BLANK_LINE.finditer(data, start)]
-    else:
-        # Title matches are whole lines and consume no newline, so a search from any offset finds the same matches
-        # after it: the block's tail, where the last title usually is, comes first.
-        found = _titles_after(data, max(start, len(data) - _TITLE_SEARCH_TAIL)) or _titles_after(data, start)
-    return found[-1] if found else 0
-
-
-def _titles_after(data: bytearray, start: int) -> list[int]:
-    return [m.start() + 1 for m in _TITLE_CANDIDATE.finditer(data, start)
-            if is_title(bytes(m.group())[1:].decode("utf-8", errors="replace"))]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,22 +20,43 @@ from prep.outputs import remove_own_staging
 DEFAULT_VOCAB_DIR = Path("data/vocab")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's notice, `kill`), delivered as Ctrl-C is so that the same clean-up runs."""
+
+
+def _terminate_handler(owner_pid: int):
+    """A SIGTERM handler raising `Terminated` in the process that installed it; forked workers inherit it, and there
+    SIGTERM (the pool's way to stop them) keeps its default action."""
+
+    def terminate(signum, frame):
+        if os.getpid() != owner_pid:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    return terminate
+
+
 class ErrorHandlingGroup(click.Group):
     """Turns our user errors and OS errors (a full disk, a forbidden path) into one line on stderr and exit status 1,
-    and Ctrl-C into exit 130, without a trace."""
+    and Ctrl-C or SIGTERM into exit 130 or 143, without a trace."""
 
     interrupted_message = "interrupted: nothing was written; run the command again to start over"
 
     def invoke(self, ctx):
+        previous = signal.signal(signal.SIGTERM, _terminate_handler(os.getpid()))
         try:
             return super().invoke(ctx)
         except BertError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
             raise click.ClickException(os_error_message(exc)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             click.echo(self.interrupted_message, err=True)
-            sys.exit(130)
+            sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -160,7 +183,7 @@ def vocab(ctx, inputs, import_path, out_dir, vocab_size, model_type, lowercase, 
 @click.option("--val", "val_inputs", multiple=True, type=click.Path(path_type=Path),
               help="Explicit validation corpus instead of a held-out share (repeatable).")
 @click.option("--rows-per-shard", type=int, default=0, help="Rows per shard file (default: about 64 MiB a shard).")
-@click.option("--workers", type=int, default=0, help="Tokenizing processes (default: all cores).")
+@click.option("--workers", type=int, default=0, help="Worker processes, each reading, tokenizing, packing, masking and writing its own ranges of the input, then building shards (default: all cores).")
 @casing_option(None)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @quiet_option

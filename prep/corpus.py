@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -177,10 +178,11 @@ def is_validation_text(text: str, seed: int, val_fraction: float) -> bool:
     """`is_validation` of the document whose lines joined by newlines are ``text``."""
     if not 0.0 <= val_fraction < 1.0:
         raise BertError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.01 to hold out 1%")
-    digest = hashlib.blake2b(
-        text.encode("utf-8", "surrogatepass"),
-        digest_size=8,
-        key=str(int(seed)).encode("ascii"),
-        person=b"bertprep-val",
-    ).digest()
-    return int.from_bytes(digest, "big") / 2.0**64 < val_fraction
+    digest = _validation_hash(int(seed)).copy()  # copying a keyed state costs less than keying a new one per document
+    digest.update(text.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(digest.digest(), "big") / 2.0**64 < val_fraction
+
+
+@functools.lru_cache(maxsize=8)
+def _validation_hash(seed: int):
+    return hashlib.blake2b(digest_size=8, key=str(seed).encode("ascii"), person=b"bertprep-val")

@@ -1,9 +1,10 @@
 """Turning tokenized documents into fixed-length rows (before masking).
 
 Two layouts:
-- `StreamPacker` (the default, as RoBERTa's FULL-SENTENCES): documents follow each other, joined by [SEP], and the
+- `pack_stream` (the default, as RoBERTa's FULL-SENTENCES): documents follow each other, joined by [SEP], and the
   stream is cut into rows of exactly `max_len`: `[CLS] <max_len - 2 tokens> [SEP]`. No token is lost, only the
-  final row of a split is padded, and reading the rows back in order gives the stream again.
+  final row of a run of documents (one split of one range of input) is padded, and reading the rows back in order
+  gives the stream again.
 - `PairBuilder` (--nsp): BERT's sentence pairs `[CLS] A [SEP] B [SEP]` built per document as Google's original data
   generator does, with B from another document half of the time (`random`), or A and B swapped half of the time
   (`swap`, ALBERT's sentence-order task).
@@ -53,6 +54,12 @@ class PackStats:
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
+    def add(self, other: "PackStats") -> None:
+        for name in ("documents", "rows", "tokens", "padding", "truncated_tokens", "truncated_documents"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for reason, count in other.dropped.items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
+
     def as_dict(self) -> dict:
         return {
             "documents": self.documents, "rows": self.rows, "tokens": self.tokens, "padding": self.padding,
@@ -61,87 +68,46 @@ class PackStats:
         }
 
 
-class StreamPacker:
-    """Packs whole documents into full rows; call `add` per document, `take` for finished rows, `finish` at the end."""
-
-    def __init__(self, max_len: int, cls_id: int, sep_id: int, pad_id: int):
-        self.max_len, self.cls_id, self.sep_id, self.pad_id = max_len, cls_id, sep_id, pad_id
-        self.stats = PackStats()
-        self._pieces: list[np.ndarray] = []  # stream not yet in a row, as per-document arrays
-        self._piece_docs: list[int] = []
-        self._pending = 0
-        self._joined = False  # whether a document came before, so the next one needs a [SEP] in front
-        self._last_doc, self._last_doc_rows = -1, 0
-
-    def add(self, doc_index: int, tokens: np.ndarray) -> None:
-        self.stats.documents += 1
-        if len(tokens) == 0:
-            self.stats.drop("empty")
-            return
-        if self._joined:  # the [SEP] that joins it to the previous document
-            tokens = np.concatenate([np.array([self.sep_id], dtype=tokens.dtype), tokens])
-        self._joined = True
-        self._pieces.append(tokens)
-        self._piece_docs.append(doc_index)
-        self._pending += len(tokens)
-
-    @property
-    def pending_rows(self) -> int:
-        """Full rows the stream holds so far."""
-        return self._pending // (self.max_len - 2)
-
-    def take(self) -> Rows | None:
-        """The full rows the stream holds so far (None if not one yet)."""
-        n = self.pending_rows
-        return self._cut(n) if n else None
-
-    def finish(self) -> Rows | None:
-        """The remaining rows, the last one padded."""
-        content = self.max_len - 2
-        n = -(-self._pending // content)
-        return self._cut(n) if n else None
-
-    def _cut(self, n: int) -> Rows:
-        content = self.max_len - 2
-        stream = np.concatenate(self._pieces)
-        starts = np.cumsum([0] + [len(p) for p in self._pieces[:-1]])
-        docs = np.asarray(self._piece_docs, dtype=np.int64)
-        used = min(n * content, len(stream))
-        body = np.full(n * content, self.pad_id, dtype=stream.dtype)
-        body[:used] = stream[:used]
-        ids = np.empty((n, self.max_len), dtype=stream.dtype)
-        ids[:, 0] = self.cls_id
-        ids[:, 1:-1] = body.reshape(n, content)
-        ids[:, -1] = self.sep_id
-        padded = n * content - used
-        if padded:  # the row's [SEP] follows its last real token; padding comes after
-            last = ids[-1]
-            real = content - padded
-            last[1 + real] = self.sep_id
-            last[2 + real :] = self.pad_id
-
-        row_doc = docs[np.searchsorted(starts, np.arange(n) * content, side="right") - 1]
-        row_in_doc = self._number_rows(row_doc)
-        rest = stream[used:]
-        piece = int(np.searchsorted(starts, used, side="right")) - 1
-        self._pieces, self._piece_docs = ([rest], [int(docs[piece])]) if len(rest) else ([], [])
-        self._pending = len(rest)
-        self.stats.rows += n
-        self.stats.tokens += n * self.max_len - padded
-        self.stats.padding += padded
-        return Rows(ids, row_doc, row_in_doc)
-
-    def _number_rows(self, row_doc: np.ndarray) -> np.ndarray:
-        """Each row's number among the rows that start in the same document, continuing across calls."""
-        first = np.ones(len(row_doc), dtype=bool)
-        first[1:] = row_doc[1:] != row_doc[:-1]
-        run_start = np.maximum.accumulate(np.where(first, np.arange(len(row_doc)), 0))
-        numbers = np.arange(len(row_doc)) - run_start
-        if row_doc[0] == self._last_doc:
-            numbers[row_doc == self._last_doc] += self._last_doc_rows
-        self._last_doc = int(row_doc[-1])
-        self._last_doc_rows = int(numbers[-1]) + 1
-        return numbers
+def pack_stream(tokens: np.ndarray, lengths: np.ndarray, doc_index: np.ndarray, max_len: int, cls_id: int,
+                sep_id: int, pad_id: int) -> tuple[Rows, PackStats]:
+    """The stream layout of a run of documents: their tokens (concatenated, `lengths` per document, in order) joined
+    by one [SEP] and cut into rows `[CLS] <max_len - 2 tokens> [SEP]`, the last row padded (its [SEP] follows its
+    last token). Each row carries the document its first stream token belongs to (a joining [SEP] belongs to the
+    document after it) and its number among the rows starting there. Empty documents are dropped and counted."""
+    stats = PackStats(documents=len(lengths))
+    kept = lengths > 0
+    if not kept.all():
+        stats.dropped["empty"] = int((~kept).sum())
+    lengths, doc_index = lengths[kept], doc_index[kept]
+    content = max_len - 2
+    if not len(lengths):
+        return Rows(np.zeros((0, max_len), tokens.dtype), np.zeros(0, np.int64), np.zeros(0, np.int64)), stats
+    # Document d's piece of the stream is its [SEP] (none before the first) and its tokens.
+    piece_lengths = lengths + 1
+    piece_lengths[0] -= 1
+    piece_starts = np.concatenate([[0], np.cumsum(piece_lengths)[:-1]])
+    used = int(piece_lengths.sum())
+    rows = -(-used // content)
+    body = np.full(rows * content, pad_id, dtype=tokens.dtype)
+    is_token = np.ones(used, dtype=bool)
+    is_token[piece_starts[1:]] = False  # where the joining [SEP]s go
+    body[:used][is_token] = tokens
+    body[piece_starts[1:]] = sep_id
+    ids = np.empty((rows, max_len), dtype=tokens.dtype)
+    ids[:, 0] = cls_id
+    ids[:, 1:-1] = body.reshape(rows, content)
+    ids[:, -1] = sep_id
+    padded = rows * content - used
+    if padded:
+        real = content - padded
+        ids[-1, 1 + real] = sep_id
+        ids[-1, 2 + real :] = pad_id
+    row_piece = np.searchsorted(piece_starts, np.arange(rows) * content, side="right") - 1
+    first_of_doc = np.ones(rows, dtype=bool)
+    first_of_doc[1:] = row_piece[1:] != row_piece[:-1]
+    run_start = np.maximum.accumulate(np.where(first_of_doc, np.arange(rows), 0))
+    stats.rows, stats.tokens, stats.padding = rows, rows * max_len - padded, padded
+    return Rows(ids, doc_index[row_piece].astype(np.int64), np.arange(rows) - run_start), stats
 
 
 class PairBuilder:

@@ -1,40 +1,37 @@
-"""`bertprep shard`: documents -> tokens (parallel workers) -> rows -> masks -> shuffled shards and a manifest.
+"""`bertprep shard`: documents -> tokens -> rows -> masks -> shuffled shards and a manifest, made by workers.
 
-This process only cuts the input into blocks of whole documents (raw bytes); workers decode, read and tokenize the
-blocks, and mask blocks of rows. Results are consumed in input order, and every decision that sets bytes (document
-numbers, splits, packing, masking, shuffling) follows that order, with every random choice keyed by (seed, split,
-copy, document), so the output is the same for any number of workers. Memory is bounded: a few blocks of input in
-flight, one block of rows being masked, one shuffle bucket at a time.
+The inputs are cut into ranges of `range_bytes` of text at document starts (`prep.ranges`). In a first pass each
+worker takes whole ranges: it reads them itself, then decodes, tokenizes, packs and masks them and appends their rows
+to spool files of its own (`prep.range_rows`). In a second pass workers write the shards: validation rows in range
+order, training rows in a global shuffle defined by the seed and the row count alone (`prep.shuffle`). A range's rows
+depend on its text, its id and the options, never on who made them, so the output is the same for any number of
+workers. This process plans the tasks and adds up the counts they send back; it never holds a token. Memory is
+bounded per process: a range of text and its rows in a worker, one shard's rows in a shard task.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import signal
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
-import numpy as np
-
-from prep.blocks import TextBlock, block_documents, read_blocks
-from prep.corpus import input_record, is_validation_text, split_sentences
+from prep.corpus import input_record
 from prep.errors import BertError
-from prep.masking import MaskingConfig, VocabTables, derive_key, mask_rows
-from prep.packing import DocumentPool, NSP_MODES, PackStats, PairBuilder, Rows, StreamPacker
+from prep.masking import MaskingConfig
+from prep.outputs import remove
+from prep.packing import NSP_MODES, PackStats
+from prep.pool import WorkerPool, cpu_count
+from prep.range_rows import SPLITS, MaskStats, RangeJob, init_worker, make_run, use_tokenizer
+from prep.ranges import RANGE_BYTES, InputText, inspect_input, plan_runs
 from prep.shards import DatasetWriter, ids_dtype, row_dtype
-from prep.shuffle import ExternalShuffle
-from prep.textio import ReadStats, empty_input_error
+from prep.shuffle import scatter_chunk, shard_count, write_scattered_shard, write_shard_task
+from prep.spool import RowTable
+from prep.textio import ReadStats, checked_inputs, empty_input_error, is_zstd
 from prep.vocab import load_tokenizer, resolve_vocab_file
 
 SHARD_BYTES = 64 << 20  # target size of one shard (all its arrays together)
-BLOCK_ROWS = 4096  # rows masked together
 WORKER_MIN_BYTES = 2 << 20  # input per default worker
 MAX_LEN_RANGE = (8, 4096)
-SPLIT_TAGS = {"train": 0, "val": 1}  # part of every row key, so the two splits never share masks
 
 
 @dataclass(frozen=True)
@@ -71,8 +68,10 @@ class ShardConfig:
     """Lowercase and strip accents; None takes the vocabulary's setting (--uncased/--cased)."""
     label: str = ""
     """Dataset label recorded in the manifest (--label)."""
+    range_bytes: int = RANGE_BYTES
+    """Text per range, the unit the workers share out; each range's last row of each split is padded."""
     workers: int = 0
-    """Tokenizing processes; 0 = all cores (--workers). Never changes the output."""
+    """Worker processes; 0 = all cores (--workers). Never changes the output."""
     force: bool = False
     """Replace an existing output (--force)."""
     progress: bool = True
@@ -99,6 +98,8 @@ class ShardConfig:
             )
         if self.rows_per_shard < 0 or self.workers < 0:
             raise BertError("--rows-per-shard and --workers must not be negative")
+        if self.range_bytes < 1:
+            raise BertError(f"range_bytes must be positive, got {self.range_bytes}")
         if not self.inputs:
             raise BertError("no input: pass -i FILE, or train a vocabulary with `bertprep vocab -i FILE` first")
 
@@ -108,239 +109,19 @@ class ShardConfig:
             "max_len": self.max_len, "seed": self.seed, **asdict(self.masking), "nsp": self.nsp,
             "nsp_mode": self.nsp_mode if self.nsp else None, "short_seq_prob": self.short_seq_prob if self.nsp else None,
             "dupe_factor": self.dupe_factor, "val_fraction": 0.0 if self.val_inputs else self.val_fraction,
-            "rows_per_shard": self.rows_per_shard, "lowercase": self.lowercase, "label": self.label,
+            "rows_per_shard": self.rows_per_shard, "range_bytes": self.range_bytes, "lowercase": self.lowercase,
+            "label": self.label,
         }
 
 
 @dataclass
-class EncodedDocument:
-    index: int
-    split: str
-    tokens: np.ndarray  # the dataset's ids dtype (uint16 for most vocabularies): all sentences concatenated
-    sentence_lengths: np.ndarray  # int64 [sentences]
+class SplitTotals:
+    """One split's counts over all ranges."""
 
-    def sentences(self) -> list[np.ndarray]:
-        return np.split(self.tokens, np.cumsum(self.sentence_lengths)[:-1]) if len(self.sentence_lengths) else []
+    documents: int = 0
+    pack: PackStats = field(default_factory=PackStats)
+    mask: MaskStats = field(default_factory=MaskStats)
 
-
-# --- workers -------------------------------------------------------------------------------------------------
-
-@dataclass
-class MaskStats:
-    rows: int = 0
-    tokens: int = 0
-    masked: int = 0
-    replaced_mask: int = 0
-    replaced_random: int = 0
-    kept: int = 0
-    unknown: int = 0
-
-    def add(self, other: "MaskStats") -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-
-_worker_tokenizer = None
-_worker_tables = None
-
-
-def _use_tokenizer(tokenizer) -> None:
-    """Sets what workers encode and mask with (forked workers inherit it; spawned ones load it in `_init_worker`)."""
-    global _worker_tokenizer, _worker_tables
-    vocab = tokenizer.vocab
-    _worker_tokenizer = tokenizer
-    _worker_tables = VocabTables(vocab.is_special, vocab.is_continuation, vocab.special.mask, vocab.special.pad)
-
-
-def _init_worker(vocab_file: str | None, lowercase: bool | None) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it terminates workers
-    # Workers are the parallelism: the `tokenizers` library's own threads in each would oversubscribe the cores.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if vocab_file is not None:
-        _use_tokenizer(load_tokenizer(Path(vocab_file), lowercase))
-
-
-def _encode_block(block: TextBlock, split: str | None, seed: int, val_fraction: float,
-                  sentences: bool) -> tuple[list[EncodedDocument], ReadStats]:
-    """Reads the documents of one block of input and tokenizes them, by sentence when pairs need them, else each as
-    one text (rows of the stream layout ignore sentence ends); decides each document's split unless `split` is
-    given. Their indices are left for the main process to number in input order; returns what reading counted too."""
-    stats = ReadStats()
-    dtype = ids_dtype(len(_worker_tokenizer.vocab))  # half the bytes on their way back for most vocabularies
-    documents = list(block_documents(block, stats))
-    doc_texts = ["\n".join(lines) for lines in documents]  # the documents as the validation split hashes them
-    texts = ([[s for line in lines for s in split_sentences(line)] for lines in documents] if sentences
-             else [[text] for text in doc_texts])
-    # One call for the whole block: the `tokenizers` library batches over many texts.
-    tokens, lengths = _worker_tokenizer.encode_many([t for doc in texts for t in doc])
-    text_ends = np.cumsum([len(doc) for doc in texts], dtype=np.int64).tolist()
-    token_ends = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-    encoded = []
-    for text, doc, end in zip(doc_texts, texts, text_ends):
-        start = end - len(doc)
-        doc_lengths = lengths[start:end]
-        doc_split = split or ("val" if val_fraction and is_validation_text(text, seed, val_fraction) else "train")
-        encoded.append(EncodedDocument(-1, doc_split, tokens[token_ends[start]:token_ends[end]].astype(dtype),
-                                       doc_lengths[doc_lengths > 0]))
-    return encoded, stats
-
-
-def _mask_block(rows: Rows, keys: np.ndarray, masking: MaskingConfig, record_dtype: np.dtype) -> tuple[np.ndarray, MaskStats]:
-    """Masks one block of rows into row records, with what it counted. Runs in a worker: a pure function of its
-    arguments and the vocabulary, so where it runs never changes the bytes."""
-    vocab = _worker_tokenizer.vocab
-    masked = mask_rows(rows.input_ids, keys, masking, _worker_tables)
-    records = np.empty(len(rows), dtype=record_dtype)
-    records["input_ids"] = masked.input_ids
-    records["mlm_positions"] = masked.mlm_positions
-    records["mlm_labels"] = masked.mlm_labels
-    if rows.token_type_ids is not None:
-        records["token_type_ids"] = rows.token_type_ids
-        records["nsp_labels"] = rows.nsp_labels
-    stats = MaskStats(rows=len(rows), tokens=int((rows.input_ids != vocab.special.pad).sum()), masked=masked.masked,
-                      replaced_mask=masked.replaced_mask, replaced_random=masked.replaced_random, kept=masked.kept,
-                      unknown=int((rows.input_ids == vocab.special.unk).sum()))
-    return records, stats
-
-
-class _Encoder:
-    """Runs `_encode_batch` in worker processes (or here, for one worker), in order, with a bounded queue."""
-
-    def __init__(self, workers: int, tokenizer):
-        self.workers = workers
-        self.tokenizer = tokenizer
-        self.pool = None
-
-    def __enter__(self):
-        _use_tokenizer(self.tokenizer)
-        if self.workers > 1:
-            # fork starts workers in milliseconds, sharing the loaded tokenizer; no thread runs yet, which makes it
-            # safe. Where there is no fork, each worker loads the vocabulary itself.
-            if "fork" in multiprocessing.get_all_start_methods():
-                context, init_args = multiprocessing.get_context("fork"), (None, None)
-            else:
-                vocab = self.tokenizer.vocab
-                context, init_args = multiprocessing.get_context("spawn"), (str(vocab.path), vocab.lowercase)
-            self.pool = context.Pool(self.workers, initializer=_init_worker, initargs=init_args)
-        return self
-
-    def __exit__(self, *exc):
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-
-    def submit(self, fn, *args):
-        """Runs fn(*args) in a worker (or here); returns an object whose get() gives the result."""
-        if self.pool is None:
-            return _Done(fn(*args))
-        return self.pool.apply_async(fn, args)
-
-    def encode(self, blocks: Iterable[TextBlock], *args) -> Iterator[tuple[list[EncodedDocument], ReadStats]]:
-        """`_encode_block` of each block, in order."""
-        if self.pool is None:
-            for block in blocks:
-                yield _encode_block(block, *args)
-            return
-        pending = deque()
-        for block in blocks:
-            pending.append(self.pool.apply_async(_encode_block, (block, *args)))
-            if len(pending) >= 2 * self.workers:  # bounded: the reader never runs far ahead of the workers
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-class _Done:
-    def __init__(self, value):
-        self.value = value
-
-    def get(self):
-        return self.value
-
-
-# --- rows ----------------------------------------------------------------------------------------------------
-
-class SplitBuilder:
-    """Packs one split's documents into rows, masks each copy, and hands row records to `sink`."""
-
-    def __init__(self, name: str, config: ShardConfig, special, record_dtype: np.dtype,
-                 sink: Callable[[np.ndarray], None], copies: int, submit, in_flight: int):
-        self.name, self.config = name, config
-        self.record_dtype, self.sink, self.copies = record_dtype, sink, copies
-        self.mask_stats = MaskStats()
-        self._submit, self._in_flight = submit, in_flight
-        self._pending = deque()  # masking tasks, consumed in the order they were made
-        ids = (config.max_len, special.cls, special.sep, special.pad)
-        if config.nsp:
-            self.pool = DocumentPool()
-            self.packers = [PairBuilder(config.max_len, config.nsp_mode, config.short_seq_prob, config.seed, copy,
-                                        *ids[1:], pool=self.pool) for copy in range(copies)]
-        else:
-            self.packers = [StreamPacker(*ids)]  # one packing serves every copy; only the masks differ
-        self._blocks: list[list[Rows]] = [[] for _ in self.packers]
-        self._block_rows = 0
-
-    @property
-    def pack_stats(self) -> PackStats:
-        return self.packers[0].stats
-
-    def add(self, doc: EncodedDocument) -> None:
-        if self.config.nsp:
-            sentences = doc.sentences()
-            for packer in self.packers:
-                packer.add(doc.index, sentences)
-            self.pool.add(doc.index, sentences)
-        else:
-            self.packers[0].add(doc.index, doc.tokens)
-            if self.packers[0].pending_rows < BLOCK_ROWS:
-                return  # cutting the stream once per block, not per document, keeps numpy's per-call cost low
-        self._collect(packer.take() for packer in self.packers)
-
-    def finish(self) -> None:
-        self._collect((packer.finish() for packer in self.packers), flush=True)
-        self._drain(0)
-
-    def _collect(self, taken: Iterable[Rows | None], flush: bool = False) -> None:
-        for block, rows in zip(self._blocks, taken):
-            if rows is not None:
-                block.append(rows)
-        self._block_rows = sum(len(r) for r in self._blocks[0])
-        if self._block_rows >= BLOCK_ROWS or (flush and any(self._blocks)):
-            for copy, block in enumerate(self._blocks):
-                if block:
-                    self._emit(_concat_rows(block), copy if self.config.nsp else None)
-            self._blocks = [[] for _ in self.packers]
-
-    def _emit(self, rows: Rows, pair_copy: int | None) -> None:
-        """Has a block of rows masked (for every copy when the packing is shared) by the workers; their records reach
-        the sink in the order the blocks were made."""
-        copies = [pair_copy] if pair_copy is not None else range(self.copies)
-        for copy in copies:
-            keys = derive_key(self.config.seed, SPLIT_TAGS[self.name], copy, rows.doc_index, rows.doc_row)
-            self._pending.append(self._submit(_mask_block, rows, keys, self.config.masking, self.record_dtype))
-        self._drain(self._in_flight)
-
-    def _drain(self, keep: int) -> None:
-        while len(self._pending) > keep:
-            records, stats = self._pending.popleft().get()
-            self.sink(records)
-            self.mask_stats.add(stats)
-
-
-def _concat_rows(blocks: list[Rows]) -> Rows:
-    if len(blocks) == 1:
-        return blocks[0]
-    pairs = blocks[0].token_type_ids is not None
-    return Rows(
-        np.concatenate([b.input_ids for b in blocks]),
-        np.concatenate([b.doc_index for b in blocks]),
-        np.concatenate([b.doc_row for b in blocks]),
-        np.concatenate([b.token_type_ids for b in blocks]) if pairs else None,
-        np.concatenate([b.nsp_labels for b in blocks]) if pairs else None,
-    )
-
-
-# --- the job -------------------------------------------------------------------------------------------------
 
 def build_shards(config: ShardConfig) -> dict:
     """Writes the dataset described by `config`; returns the manifest (with a `summary` of the run added)."""
@@ -353,78 +134,125 @@ def build_shards(config: ShardConfig) -> dict:
         raise BertError(f"vocabulary {vocab_file} has no ordinary tokens")
     record_dtype = row_dtype(config.max_len, config.masking.max_predictions, len(vocab), config.nsp)
     rows_per_shard = config.rows_per_shard or max(1, SHARD_BYTES // record_dtype.itemsize)
-    inputs = [input_record(Path(p)) for p in config.inputs]
-    val_inputs = [input_record(Path(p)) for p in config.val_inputs]
-    total_bytes = sum(_text_bytes(Path(r["path"]), r["bytes"]) for r in inputs + val_inputs)
-    # Default: all cores, but no more workers than 2 MB pieces of input: starting one costs about a second.
-    workers = config.workers or max(1, min(_cpu_count(), -(-total_bytes // WORKER_MIN_BYTES)))
+    # The inputs, and the --val inputs when given: every document of the latter is validation, of the former training.
+    sources = [(checked_inputs(config.inputs), "train" if config.val_inputs else None)]
+    if config.val_inputs:
+        sources.append((checked_inputs(config.val_inputs), "val"))
+    paths = [path for source, _ in sources for path in source]
+    # Default: all cores, but no more workers than 2 MB pieces of input.
+    workers = config.workers or max(1, min(cpu_count(), -(-_estimated_text_bytes(paths) // WORKER_MIN_BYTES)))
 
-    read_stats = ReadStats()
+    use_tokenizer(tokenizer)  # forked workers share it
+    spawn_args = (str(vocab.path), vocab.lowercase)
     with DatasetWriter(config.out_dir, force=config.force) as writer, \
-            _Encoder(workers, tokenizer) as encoder, \
-            _Progress(total_bytes, read_stats, config.progress) as progress:
+            WorkerPool(workers, init_worker, (None, None), spawn_args) as pool:
+        scratch = writer.scratch_dir()
         vocab_name = writer.copy_vocab(vocab_file)
-        shuffle = ExternalShuffle(writer.scratch_dir(), record_dtype, config.seed, rows_per_shard)
-        val_writer = writer.split_writer("val", rows_per_shard)
-        in_flight = 2 * workers
-        builders = {
-            "train": SplitBuilder("train", config, special, record_dtype, shuffle.append, config.dupe_factor,
-                                  encoder.submit, in_flight),
-            "val": SplitBuilder("val", config, special, record_dtype, val_writer.append, 1, encoder.submit, in_flight),
-        }
-        documents = {"train": 0, "val": 0}
-        index = 0  # documents are numbered in input order, over all inputs
-        sources = [(config.inputs, None)] + ([(config.val_inputs, "val")] if config.val_inputs else [])
-        for paths, forced_split in sources:
-            first_index = index
-            blocks = read_blocks([Path(p) for p in paths], read_stats)
-            for encoded, block_stats in encoder.encode(blocks, forced_split or ("train" if config.val_inputs else None),
-                                                       config.seed, config.val_fraction, config.nsp):
-                read_stats.add(block_stats)
-                for doc in encoded:
-                    doc.index, index = index, index + 1
-                    builders[doc.split].add(doc)
-                    documents[doc.split] += 1
-                    progress.update(len(doc.tokens))
-            if index == first_index:
-                raise empty_input_error([Path(p) for p in paths])
-        for builder in builders.values():
-            builder.finish()
-        progress.close()
-
-        train_writer = writer.split_writer("train", rows_per_shard)
-        shuffle.drain(train_writer.write_shard)
-        val_writer.close()
-        if builders["train"].mask_stats.rows == 0:
-            raise BertError("no training rows: every document was held out or dropped (check --val-fraction and the input)")
+        texts = pool.ordered((inspect_input, (path,)) for path in paths)
+        hashed = [pool.later(input_record, path) for path in paths]  # hashed while the ranges are made
+        with _Progress(sum(t.text_bytes for t in texts), config.progress) as progress:
+            read_stats, totals, tables = _make_ranges(config, pool, sources, texts, record_dtype, scratch, progress)
+        if totals["train"].mask.rows == 0:
+            raise BertError("no training rows: every document was held out or dropped "
+                            "(check --val-fraction and the input)")
+        shards = _write_shards(pool, writer, tables, record_dtype, rows_per_shard, config.seed)
+        records = [h.get() for h in hashed]
 
         splits = {}
-        for name, split_writer in (("train", train_writer), ("val", val_writer)):
-            stats = builders[name].mask_stats
-            splits[name] = {"rows": stats.rows, "tokens": stats.tokens, "masked": stats.masked,
-                            "copies": config.dupe_factor if name == "train" else 1, "shards": split_writer.shards}
+        for name in SPLITS:
+            mask = totals[name].mask
+            splits[name] = {"rows": mask.rows, "tokens": mask.tokens, "masked": mask.masked,
+                            "copies": config.dupe_factor if name == "train" else 1, "shards": shards[name]}
         manifest = {
             "max_len": config.max_len,
             "seed": config.seed,
             "options": config.options(),
             "vocab": {"file": vocab_name, "sha256": vocab.sha256, "size": len(vocab), "lowercase": vocab.lowercase,
                       "special": special.as_dict(), "dtype": ids_dtype(len(vocab)).str},
-            "inputs": inputs,
-            "val_inputs": val_inputs,
-            "stats": _dataset_stats(builders, documents, read_stats, config.max_len),
+            "inputs": records[: len(config.inputs)],
+            "val_inputs": records[len(config.inputs) :],
+            "stats": _dataset_stats(totals, read_stats, config.max_len),
             "splits": splits,
         }
         writer.finish(manifest)
     seconds = time.monotonic() - started
-    tokens = sum(b.mask_stats.tokens for b in builders.values())
-    return {**manifest, "summary": {"documents": sum(documents.values()), "seconds": seconds,
+    tokens = sum(t.mask.tokens for t in totals.values())
+    return {**manifest, "summary": {"documents": sum(t.documents for t in totals.values()), "seconds": seconds,
                                     "tokens_per_s": tokens / max(seconds, 1e-9), "workers": workers}}
 
 
-def _dataset_stats(builders: dict[str, SplitBuilder], documents: dict, read_stats: ReadStats, max_len: int) -> dict:
-    stats = {"read": read_stats.as_dict(), "documents": documents, "splits": {}}
-    for name, builder in builders.items():
-        m, pack = builder.mask_stats, builder.pack_stats.as_dict()
+def _make_ranges(config: ShardConfig, pool: WorkerPool, sources: list, texts: list[InputText], record_dtype,
+                 scratch: Path, progress: "_Progress") -> tuple[ReadStats, dict[str, SplitTotals], dict[str, RowTable]]:
+    """The first pass: every range made into spooled rows by the workers; returns the counts and where the rows are."""
+    calls, source_ranges, first_id, position = [], [], 0, 0
+    for source, split in sources:
+        job = RangeJob(str(scratch), config.range_bytes, record_dtype, config.max_len, config.seed, config.masking,
+                       config.dupe_factor, config.val_fraction, split, config.nsp, config.nsp_mode,
+                       config.short_seq_prob)
+        source_texts = texts[position : position + len(source)]
+        position += len(source)
+        calls += [(make_run, (run, job)) for run in plan_runs(source_texts, config.range_bytes, pool.workers, first_id)]
+        first_id += sum(t.ranges(config.range_bytes) for t in source_texts)
+        source_ranges.append(first_id)
+    read_stats = ReadStats(files=len(texts))
+    totals = {name: SplitTotals() for name in SPLITS}
+    tables = {name: RowTable(first_id) for name in SPLITS}
+    source_documents = [0] * len(sources)
+    # Longest first, so that the tasks left when the workers run out of work are the short ones at the inputs' ends.
+    calls.sort(key=lambda call: -call[1][0].text_bytes)
+    for results in pool.unordered(calls):
+        for result in results:
+            read_stats.add(result.read)
+            for name, part in result.parts.items():
+                total = totals[name]
+                total.documents += part.documents
+                total.pack.add(part.pack)
+                total.mask.add(part.mask)
+                if part.piece is not None:
+                    tables[name].add(result.range_id, part.piece)
+                source_documents[sum(result.range_id >= end for end in source_ranges)] += part.documents
+            progress.update(result.read.bytes, sum(part.mask.tokens for part in result.parts.values()))
+    for (source, _), documents in zip(sources, source_documents):
+        if documents == 0:
+            raise empty_input_error(source)
+    return read_stats, totals, tables
+
+
+def _write_shards(pool: WorkerPool, writer: DatasetWriter, tables: dict[str, RowTable], record_dtype,
+                  rows_per_shard: int, seed: int) -> dict[str, list[dict]]:
+    """The second pass: the validation shards in range order, the training shards shuffled (`prep.shuffle`)."""
+    scratch = writer.scratch_dir()
+    val, train = tables["val"], tables["train"]
+    val_calls = [(write_shard_task, (scratch, writer.split_dir("val"), index, val.pieces(start, start + rows_per_shard),
+                                     record_dtype, None))
+                 for index, start in enumerate(range(0, val.rows, rows_per_shard))]
+    shards = shard_count(train.rows, rows_per_shard)
+    train_dir = writer.split_dir("train")
+    if shards == 1:
+        # Two tasks share the one shard, input_ids (most of its bytes) and the other arrays, so no worker idles.
+        names = record_dtype.names
+        pieces = train.pieces(0, train.rows)
+        written = pool.ordered([(write_shard_task, (scratch, train_dir, 0, pieces, record_dtype, seed, part))
+                                for part in (names[:1], names[1:])] + val_calls)
+        shard = {"rows": written[0]["rows"], "arrays": {**written[0]["arrays"], **written[1]["arrays"]}}
+        return {"train": [shard], "val": written[2:]}
+    scatter_calls = [(scatter_chunk, (scratch, chunk, train.pieces(start, start + rows_per_shard), record_dtype, seed,
+                                      rows_per_shard, shards))
+                     for chunk, start in enumerate(range(0, train.rows, rows_per_shard))]
+    val_shards = pool.ordered(scatter_calls + val_calls)[len(scatter_calls):]
+    for name in train.files:  # every training row is in a chunk file now
+        remove(scratch / name)
+    train_shards = pool.ordered((write_scattered_shard, (scratch, train_dir, shard, shards, train.rows, rows_per_shard,
+                                                         record_dtype, seed))
+                                for shard in range(shards))
+    return {"train": train_shards, "val": val_shards}
+
+
+def _dataset_stats(totals: dict[str, SplitTotals], read_stats: ReadStats, max_len: int) -> dict:
+    stats = {"read": read_stats.as_dict(), "documents": {name: t.documents for name, t in totals.items()},
+             "splits": {}}
+    for name, total in totals.items():
+        m, pack = total.mask, total.pack.as_dict()
         slots = m.rows * max_len
         stats["splits"][name] = {
             **pack,
@@ -436,35 +264,16 @@ def _dataset_stats(builders: dict[str, SplitBuilder], documents: dict, read_stat
     return stats
 
 
-def _text_bytes(path: Path, file_bytes: int) -> int:
-    """The decompressed size of an input, for the progress bar and the worker count: a .zst frame header tells it
-    when the compressor recorded it; otherwise assume text compresses about 4×."""
-    if path.suffix != ".zst":
-        return file_bytes
-    import zstandard
-
-    with open(path, "rb") as f:
-        header = f.read(18)
-    try:
-        size = zstandard.get_frame_parameters(header).content_size
-    except zstandard.ZstdError:
-        size = zstandard.CONTENTSIZE_UNKNOWN
-    return 4 * file_bytes if size == zstandard.CONTENTSIZE_UNKNOWN else max(size, file_bytes)
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+def _estimated_text_bytes(paths: list[Path]) -> int:
+    """The inputs' text size for choosing the worker count, before they are inspected: text compresses about 4×."""
+    return sum(path.stat().st_size * (4 if is_zstd(path) else 1) for path in paths)
 
 
 class _Progress:
     """A tqdm bar over input bytes with tokens/s, on stderr; silent when disabled."""
 
-    def __init__(self, total_bytes: int, read_stats: ReadStats, enabled: bool):
-        self.read_stats, self.enabled = read_stats, enabled
-        self.tokens, self.started, self.shown, self.bar = 0, time.monotonic(), 0.0, None
+    def __init__(self, total_bytes: int, enabled: bool):
+        self.tokens, self.started, self.bar = 0, time.monotonic(), None
         if enabled:
             from tqdm import tqdm
 
@@ -475,20 +284,14 @@ class _Progress:
         return self
 
     def __exit__(self, *exc):
-        self.close()
-
-    def update(self, tokens: int) -> None:
-        self.tokens += tokens
-        if self.bar is None:
-            return
-        now = time.monotonic()
-        done = min(self.read_stats.bytes, self.bar.total or self.read_stats.bytes)
-        if done > self.bar.n or now - self.shown >= 0.5:
-            self.shown = now
-            self.bar.set_postfix_str(f"{self.tokens / max(now - self.started, 1e-9) / 1e3:,.0f}k tok/s", refresh=False)
-            self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def update(self, text_bytes: int, tokens: int) -> None:
+        """Counts one range made."""
+        self.tokens += tokens
+        if self.bar is not None:
+            rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
+            self.bar.set_postfix_str(f"{rate / 1e3:,.0f}k tok/s", refresh=False)
+            self.bar.update(text_bytes)

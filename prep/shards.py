@@ -114,24 +114,26 @@ class SplitWriter:
             rest = block[self.rows_per_shard :]
             self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
 
-    def write_shard(self, rows: np.ndarray, order: np.ndarray | None = None) -> None:
-        """Writes `rows[order]` as one shard of its own (the shuffler hands over whole shards); each array is
-        gathered by `order` straight from the records, which is several times faster than permuting records."""
-        self._write_shard(rows, order)
-
     def close(self) -> None:
         if self._pending_rows:
             self._write_shard(np.concatenate(self._pending))
         self._pending, self._pending_rows = [], 0
 
-    def _write_shard(self, rows: np.ndarray, order: np.ndarray | None = None) -> None:
-        index = len(self.shards)
-        arrays = {
-            name: write_array(self.directory / shard_file_name(index, name),
-                              rows[name] if order is None else rows[name][order])
-            for name in rows.dtype.names
-        }
-        self.shards.append({"rows": len(rows), "arrays": arrays})
+    def _write_shard(self, rows: np.ndarray) -> None:
+        self.shards.append(write_shard(self.directory, len(self.shards), rows))
+
+
+def write_shard(directory: Path, index: int, rows: np.ndarray, order: np.ndarray | None = None,
+                names: tuple[str, ...] | None = None) -> dict:
+    """Writes `rows[order]` (row records of `row_dtype`; all of them in order when `order` is None) as shard `index`
+    in `directory`, one .npy per array (of `names`, default all); returns its manifest entry {rows, arrays}. Each
+    array is gathered by `order` straight from the records, which is several times faster than permuting the
+    records."""
+    arrays = {}
+    for name in names or rows.dtype.names:
+        array = rows[name] if order is None else rows[name][order]
+        arrays[name] = write_array(Path(directory) / shard_file_name(index, name), array)
+    return {"rows": len(rows), "arrays": arrays}
 
 
 class DatasetWriter:
@@ -157,6 +159,12 @@ class DatasetWriter:
 
     def split_writer(self, split: str, rows_per_shard: int) -> SplitWriter:
         return SplitWriter(self.partial_dir / split, rows_per_shard)
+
+    def split_dir(self, split: str) -> Path:
+        """The directory a split's shards are written to (by `write_shard`, in any process)."""
+        path = self.partial_dir / split
+        path.mkdir(exist_ok=True)
+        return path
 
     def scratch_dir(self) -> Path:
         """A directory for temporary files that disappears with the partial directory."""

@@ -74,19 +74,29 @@ def open_or_fail(path: Path, mode: str) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
-def open_binary(path: Path) -> Iterator[BinaryIO]:
-    """The file's content as a binary stream, decompressed when the name ends in .zst."""
+def open_binary(path: Path, frame_offset: int = 0, checked: bool = False) -> Iterator[BinaryIO]:
+    """The file's content as a binary stream, decompressed when the name ends in .zst.
+
+    `frame_offset` starts the stream at that byte of the file: for a .zst file, where a frame begins (one of
+    `zstd_frames`). `checked` says the frames were walked already, which a reader of many ranges does once.
+    """
     with open_or_fail(path, "rb") as raw:
-        if path.name.lower().endswith(".zst"):
+        if is_zstd(path):
             import zstandard  # only .zst inputs need it (a GPU machine's image may lack it)
 
-            _check_zstd_frames(raw, path)
-            raw.seek(0)
+            if not checked:
+                zstd_frames(raw, path)
+            raw.seek(frame_offset)
             # read_across_frames: files written by pzstd or appended to hold several frames.
             with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False) as z:
                 yield _ZstdStream(z, path, zstandard.ZstdError)
         else:
+            raw.seek(frame_offset)
             yield raw
+
+
+def is_zstd(path: Path) -> bool:
+    return Path(path).name.lower().endswith(".zst")
 
 
 class _ZstdStream:
@@ -103,12 +113,14 @@ class _ZstdStream:
                             "suffix") from None
 
 
-def _check_zstd_frames(f: BinaryIO, path: Path) -> None:
-    """Walk the frame and block headers of a zstandard file (seeking, not decompressing) and raise BertError
-    unless they end exactly at the end of the file.
+def zstd_frames(f: BinaryIO, path: Path) -> list[tuple[int, int | None]]:
+    """The frames of a zstandard file as (byte offset in the file, decompressed size or None where the frame does
+    not record it), skippable frames left out, found by walking the frame and block headers (seeking, not
+    decompressing); BertError unless they end exactly at the end of the file.
 
     Needed because the decompressor reports a cut-off file (an interrupted download) as a clean end of data, which
-    would silently drop the rest of the corpus. Layout per RFC 8878, section 3.1.
+    would silently drop the rest of the corpus; the offsets let a reader start at a frame. Layout per RFC 8878,
+    section 3.1.
     """
 
     truncated = BertError(f"{path}: truncated zstandard data (the file ends inside a frame); fetch it again")
@@ -121,6 +133,7 @@ def _check_zstd_frames(f: BinaryIO, path: Path) -> None:
         return data
 
     size = f.seek(0, 2)
+    frames = []
     pos = 0
     while pos < size:
         magic = int.from_bytes(read_at(pos, 4), "little")
@@ -131,19 +144,26 @@ def _check_zstd_frames(f: BinaryIO, path: Path) -> None:
             raise BertError(
                 f"{path}: corrupt zstandard data (no frame at byte {pos}); recompress the file or drop the .zst suffix"
             )
+        start = pos
         descriptor = read_at(pos + 4, 1)[0]
         single_segment = descriptor >> 5 & 1
         pos += 5 + (1 - single_segment)  # magic, descriptor, window byte unless single-segment
         pos += (0, 1, 2, 4)[descriptor & 3]  # dictionary id
-        pos += (single_segment, 2, 4, 8)[descriptor >> 6]  # frame content size
+        size_bytes = (single_segment, 2, 4, 8)[descriptor >> 6]  # frame content size
+        content_size = None
+        if size_bytes:
+            content_size = int.from_bytes(read_at(pos, size_bytes), "little") + (256 if size_bytes == 2 else 0)
+        pos += size_bytes
         last_block = False
         while not last_block:
             block = int.from_bytes(read_at(pos, 3), "little")
             last_block = bool(block & 1)
             pos += 3 + (1 if (block >> 1 & 3) == 1 else block >> 3)  # an RLE block stores one byte
         pos += 4 * (descriptor >> 2 & 1)  # content checksum
+        frames.append((start, content_size))
     if pos != size:
         raise truncated
+    return frames
 
 
 def decoded_chunks(path: Path, stats: ReadStats, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:

@@ -10,13 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import build_wiki_shards
+from tests.prep.rows import expected_rows
 from prep.cli import main
-from prep.corpus import read_documents
 from prep.errors import BertError
 from prep.hf_tokenizer import HfTokenizer, TokenizerJsonVocab, readable_tokens
 from prep.masking import restore
 from prep.shards import open_dataset, verify_dataset
-from prep.textio import ReadStats
 from prep.vocab import import_tokenizer, load_tokenizer, resolve_vocab_file
 from prep.wordpiece import Vocab
 
@@ -139,8 +138,8 @@ def test_readable_tokens_are_the_librarys_decoding(hf_vocab_dir, library):
 
 def test_shard_ids_are_the_librarys_encoding(hf_shards, hf_vocab_dir, source_json, library, wiki_valid):
     """Validation rows with their labels put back are exactly `tokenizers`' own encoding of each document (no
-    special tokens added by its post-processor), documents joined by [SEP]; the manifest names the copied
-    tokenizer.json and its sha256, and verify passes."""
+    special tokens added by its post-processor), documents joined by [SEP] in each range of input; the manifest
+    names the copied tokenizer.json and its sha256, and verify passes."""
     manifest = open_dataset(hf_shards).manifest
     vocab = manifest["vocab"]
     assert vocab["file"] == "tokenizer.json" and vocab["size"] == library.get_vocab_size()
@@ -152,14 +151,9 @@ def test_shard_ids_are_the_librarys_encoding(hf_shards, hf_vocab_dir, source_jso
     data = open_dataset(hf_shards).split("val")
     rows = data.slice(0, data.rows)
     restored = restore(rows["input_ids"], rows["mlm_positions"], rows["mlm_labels"], pad).astype(np.int64)
-    last = restored[-1][restored[-1] != pad]
-    stream = restored[:-1, 1:-1].ravel().tolist() + last[1:-1].tolist()
-    expected = []
-    for doc in read_documents([wiki_valid], ReadStats()):
-        ids = library.encode("\n".join(doc.lines), add_special_tokens=False).ids
-        if ids:
-            expected += ([sep] if expected else []) + ids
-    assert stream == expected
+    expected = expected_rows(wiki_valid, lambda lines: library.encode("\n".join(lines), add_special_tokens=False).ids,
+                             64, cls=2, sep=sep, pad=pad)
+    assert np.array_equal(restored, expected)
     assert restored[:, 0].tolist() == [2] * len(restored)
     assert verify_dataset(hf_shards)["rows"]["val"] == len(restored)
 

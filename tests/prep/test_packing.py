@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from prep.packing import DocumentPool, PairBuilder, StreamPacker, _truncate_pair
+from prep.packing import DocumentPool, PairBuilder, _truncate_pair, pack_stream
 
 PAD, CLS, SEP = 0, 2, 3
 
@@ -16,14 +16,12 @@ def test_stream_rows_read_back_as_the_documents():
     """Rows are [CLS] + max_len-2 stream tokens + [SEP], only the last one padded, and their bodies concatenated
     are the non-empty documents joined by [SEP]; each row knows the document it starts in and its number there."""
     docs = documents()
-    packer = StreamPacker(16, CLS, SEP, PAD)
-    blocks = []
-    for index, sentences in enumerate(docs):
-        packer.add(index, np.concatenate(sentences) if sentences else np.zeros(0, np.int32))
-        blocks.append(packer.take())
-    blocks.append(packer.finish())
-    rows = [b for b in blocks if b is not None]
-    ids = np.concatenate([b.input_ids for b in rows])
+    texts = [np.concatenate(sentences) if sentences else np.zeros(0, np.uint16) for sentences in docs]
+    lengths = np.array([len(t) for t in texts], dtype=np.int64)
+    doc_ids = np.arange(len(docs), dtype=np.int64) * 10 + 7  # any ids: they are carried, not counted
+    rows, stats = pack_stream(np.concatenate(texts).astype(np.uint16), lengths, doc_ids, 16, CLS, SEP, PAD)
+    ids = rows.input_ids
+    assert ids.dtype == np.uint16
     assert (ids[:, 0] == CLS).all() and (ids[:-1, -1] == SEP).all() and (ids[:-1] != PAD).all()
     last = ids[-1][ids[-1] != PAD]
     body = np.concatenate([ids[:-1, 1:-1].ravel(), last[1:-1]])
@@ -32,11 +30,22 @@ def test_stream_rows_read_back_as_the_documents():
         if sentences:
             expected += ([SEP] if expected else []) + list(np.concatenate(sentences))
     assert body.tolist() == expected
-    assert packer.stats.dropped == {"empty": sum(1 for d in docs if not d)}
-    doc_index = np.concatenate([b.doc_index for b in rows])
-    doc_row = np.concatenate([b.doc_row for b in rows])
-    keys = list(zip(doc_index.tolist(), doc_row.tolist()))
-    assert len(set(keys)) == len(keys) and (np.diff(doc_index) >= 0).all()
+    assert stats.dropped == {"empty": sum(1 for d in docs if not d)} and stats.documents == len(docs)
+    assert stats.rows == len(ids) and stats.tokens + stats.padding == ids.size and stats.padding == (ids == PAD).sum()
+    keys = list(zip(rows.doc_index.tolist(), rows.doc_row.tolist()))
+    assert len(set(keys)) == len(keys) and (np.diff(rows.doc_index) >= 0).all()
+    assert set(rows.doc_index.tolist()) <= set(doc_ids.tolist())
+    # A row starts in the document its first stream token belongs to (a joining [SEP] to the document after it).
+    owner_of_token = []
+    for doc_id, text in zip(doc_ids.tolist(), texts):
+        if len(text):
+            owner_of_token += [doc_id] * (len(text) + (1 if owner_of_token else 0))
+    assert rows.doc_index.tolist() == owner_of_token[::14]
+
+
+def test_stream_of_no_documents_has_no_rows():
+    rows, stats = pack_stream(np.zeros(0, np.uint16), np.zeros(2, np.int64), np.arange(2), 16, CLS, SEP, PAD)
+    assert len(rows) == 0 and rows.input_ids.shape == (0, 16) and stats.dropped == {"empty": 2}
 
 
 def pair_rows(mode, docs, copy=0, seed=1):

@@ -1,6 +1,8 @@
 """The shard job on real WikiText-2 text: round trips, determinism, splits, statistics, interruption."""
 
+import collections
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,22 +13,17 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT, build_wiki_shards
-from prep.corpus import read_documents, split_sentences
+from prep.corpus import split_sentences
 from prep.masking import restore
 from prep.shards import open_dataset
-from prep.textio import ReadStats
 from prep.vocab import load_tokenizer
+from tests.prep.rows import documents_by_range, expected_rows, sorted_rows, stream_bodies
 
 
-def tokenized_documents(path: Path, vocab_dir: Path) -> list[list[int]]:
-    """The corpus tokenized independently of the pipeline: sentence by sentence with the plain `encode`."""
+def sentence_encoder(vocab_dir: Path):
+    """A document's ids computed independently of the pipeline: sentence by sentence with the plain `encode`."""
     tokenizer = load_tokenizer(vocab_dir)
-    docs = []
-    for doc in read_documents([path], ReadStats()):
-        ids = [i for line in doc.lines for s in split_sentences(line) for i in tokenizer.encode(s)]
-        if ids:
-            docs.append(ids)
-    return docs
+    return lambda lines: [i for line in lines for s in split_sentences(line) for i in tokenizer.encode(s)]
 
 
 def restored_rows(dataset_dir: Path, split: str) -> np.ndarray:
@@ -35,45 +32,78 @@ def restored_rows(dataset_dir: Path, split: str) -> np.ndarray:
     return restore(rows["input_ids"], rows["mlm_positions"], rows["mlm_labels"], 0).astype(np.int64)
 
 
-def stream_body(rows: np.ndarray, pad: int = 0) -> list[int]:
-    last = rows[-1][rows[-1] != pad]
-    return rows[:-1, 1:-1].ravel().tolist() + last[1:-1].tolist()
-
-
 def test_restoring_labels_reproduces_the_tokenized_corpus(wiki_shards, vocab_dir, wiki_valid, wiki_test):
-    """Validation rows (corpus order) with their labels put back are exactly the tokenized corpus, documents joined
-    by [SEP]; the shuffled training rows are, as a set, exactly the rows that packing the corpus gives."""
-    sep = 3
+    """Validation rows (corpus order) with their labels put back are exactly the tokenized corpus: each range of
+    input (1 MiB of text, two here) its documents joined by [SEP] and cut into rows; the shuffled training rows are,
+    as a set, exactly the rows that packing the corpus gives."""
+    encode = sentence_encoder(vocab_dir)
     val = restored_rows(wiki_shards, "val")
-    expected = []
-    for doc in tokenized_documents(wiki_valid, vocab_dir):
-        expected += ([sep] if expected else []) + doc
-    assert stream_body(val) == expected
+    expected_val = expected_rows(wiki_valid, encode, 64)
+    assert len(documents_by_range(wiki_valid)) == 2 and np.array_equal(val, expected_val)
 
     train = restored_rows(wiki_shards, "train")
-    stream = []
-    for doc in tokenized_documents(wiki_test, vocab_dir):
-        stream += ([sep] if stream else []) + doc
-    body = len(train[0]) - 2
-    full = len(stream) // body
-    packed = np.asarray(stream[: full * body]).reshape(full, body)
-    order = np.lexsort(train[:, 1:-1].T[::-1])
-    train_full = train[order][: full] if len(stream) % body == 0 else None
-    bodies = {tuple(r) for r in train[:, 1:-1].tolist()}
-    assert len(train) == full + (1 if len(stream) % body else 0)
-    assert all(tuple(r) in bodies for r in packed.tolist())
-    assert train_full is None or np.array_equal(np.sort(train_full, axis=0), np.sort(packed, axis=0))
+    assert np.array_equal(sorted_rows(train), sorted_rows(expected_rows(wiki_test, encode, 64)))
+    assert not np.array_equal(train, expected_rows(wiki_test, encode, 64))  # shuffled
 
 
-def test_identical_bytes_for_one_and_two_workers(tmp_path, vocab_dir, wiki_valid):
-    """The same inputs and seed give byte-identical files (manifest included) with 1 and 2 worker processes."""
-    options = dict(val_fraction=0.05, dupe_factor=2, rows_per_shard=700, whole_word=True, max_len=128)
-    one = build_wiki_shards(tmp_path / "one", vocab_dir, [wiki_valid], workers=1, **options)
-    two = build_wiki_shards(tmp_path / "two", vocab_dir, [wiki_valid], workers=2, **options)
-    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
-    assert len(files) > 8 and files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
-    for name in files:
-        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+@pytest.mark.parametrize("layout", [dict(whole_word=True), dict(nsp=True, nsp_mode="random")])
+def test_identical_bytes_for_one_two_and_three_workers(tmp_path, vocab_dir, wiki_valid, layout):
+    """The same inputs and seed give byte-identical files (manifest included) with 1, 2 and 3 worker processes, on
+    a dataset of many ranges and several training and validation shards: what a range holds, how its rows are
+    masked and where the shuffle puts them never depend on which worker made them or in what order they finished."""
+    options = dict(val_fraction=0.2, dupe_factor=2, rows_per_shard=300, range_bytes=1 << 16, max_len=128, **layout)
+    outputs = [build_wiki_shards(tmp_path / f"w{workers}", vocab_dir, [wiki_valid], workers=workers, **options)
+               for workers in (1, 2, 3)]
+    splits = open_dataset(outputs[0]).manifest["splits"]
+    assert len(splits["train"]["shards"]) > 5 and len(splits["val"]["shards"]) > 1
+    files = sorted(p.relative_to(outputs[0]) for p in outputs[0].rglob("*") if p.is_file())
+    for other in outputs[1:]:
+        assert files == sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
+        for name in files:
+            assert (outputs[0] / name).read_bytes() == (other / name).read_bytes(), name
+
+
+def test_memory_stays_bounded_on_a_corpus_larger_than_the_shards(tmp_path, vocab_dir, wiki_valid):
+    """Peak memory is set by the range and shard sizes, not by the corpus: generated text that never repeats a
+    paragraph, five times larger (some 50 shards of output), peaks within a few percent of the smaller corpus, and
+    below the size of the rows it writes. Measured in one process by tracemalloc (one worker: every task runs
+    here), after a first run has made the one-time allocations."""
+    import tracemalloc
+
+    counts = collections.Counter(wiki_valid.read_text(encoding="utf-8").split())
+    words = np.array([word for word, _ in counts.most_common(3000)])
+    rng = np.random.default_rng(0)
+
+    def shard_corpus(paragraphs: int) -> tuple[int, int]:
+        path = tmp_path / f"c{paragraphs}.txt"
+        with open(path, "w", encoding="utf-8") as f:
+            for _ in range(paragraphs):
+                f.write(" ".join(words[rng.integers(0, len(words), rng.integers(20, 120))]) + "\n\n")
+        tracemalloc.start()
+        out = build_wiki_shards(tmp_path / f"d{paragraphs}", vocab_dir, [path], rows_per_shard=400,
+                                range_bytes=1 << 16, max_len=64)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        written = sum(p.stat().st_size for p in (out / "train").iterdir())
+        shutil.rmtree(out)
+        return peak, written
+
+    shard_corpus(500)
+    (small, _), (large, written) = shard_corpus(2000), shard_corpus(10_000)
+    assert written > 2_000_000 and large < 1.05 * small and large < written
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path, vocab_dir, wiki_valid):
+    """A few undecodable byte sequences anywhere in the input (here in several ranges) become U+FFFD and are
+    counted in the manifest; the job does not stop on them."""
+    data = bytearray(wiki_valid.read_bytes())
+    for offset in range(100_000, 1_000_000, 200_000):  # five places, mid-line
+        position = data.index(b" the ", offset)
+        data[position : position + 1] = b" \xff\xfe"
+    path = tmp_path / "broken.tokens"
+    path.write_bytes(bytes(data))
+    out = build_wiki_shards(tmp_path / "d", vocab_dir, [path], range_bytes=1 << 17, workers=2)
+    assert open_dataset(out).manifest["stats"]["read"]["invalid_utf8"] == 10
 
 
 def test_statistics_and_copies(tmp_path, vocab_dir, wiki_valid):
@@ -101,7 +131,7 @@ def test_validation_documents_do_not_depend_on_max_len(tmp_path, vocab_dir, wiki
     seed and the document alone)."""
     short = build_wiki_shards(tmp_path / "s", vocab_dir, [wiki_valid], val_fraction=0.2, max_len=128)
     long = build_wiki_shards(tmp_path / "l", vocab_dir, [wiki_valid], val_fraction=0.2, max_len=512)
-    assert stream_body(restored_rows(short, "val")) == stream_body(restored_rows(long, "val"))
+    assert stream_bodies(restored_rows(short, "val")) == stream_bodies(restored_rows(long, "val"))
     assert open_dataset(long).manifest["stats"]["documents"] == open_dataset(short).manifest["stats"]["documents"]
 
 
@@ -117,36 +147,58 @@ def test_nsp_pairs_from_real_text(tmp_path, vocab_dir, wiki_valid):
     assert (rows["token_type_ids"].sum(1) > 0).all()
 
 
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
-def test_interrupted_run_leaves_no_dataset_and_rerun_completes(tmp_path, vocab_dir, wiki_valid, wiki_test, how):
-    """Ctrl-C (exit 130, one line, no traceback) or kill -9 mid-run leaves no manifest and no output directory; the
-    re-run completes and writes the same bytes as an uninterrupted run."""
+@pytest.mark.parametrize("how, workers", [(signal.SIGINT, 1), (signal.SIGKILL, 1), (signal.SIGINT, 2),
+                                          (signal.SIGTERM, 2)])
+def test_interrupted_run_leaves_no_dataset_and_rerun_completes(tmp_path, vocab_dir, wiki_valid, wiki_test, how,
+                                                               workers):
+    """Ctrl-C or SIGTERM (exit 130 / 143, one line, no traceback) or kill -9 mid-run leaves no manifest and no output directory (and,
+    with workers, no worker left running); the re-run completes and writes the same bytes as an uninterrupted
+    run."""
     big = tmp_path / "big.tokens"
     big.write_bytes((wiki_valid.read_bytes() + wiki_test.read_bytes()) * 4)
     out = tmp_path / "out"
     def shard_command(out_dir):
         return [sys.executable, "-m", "prep", "shard", "-i", str(big), "--vocab", str(vocab_dir), "-o", str(out_dir),
-                "--workers", "1", "--quiet", "--max-len", "64"]
+                "--workers", str(workers), "--quiet", "--max-len", "64"]
 
     command = shard_command(out)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    partial = tmp_path / ".out.partial"
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group: its workers can be found after
+    def partials():  # the job's hidden staging directory beside the output
+        return list(tmp_path.glob(".out.partial*"))
+
     deadline = time.monotonic() + 60
-    while not (partial / "scratch").exists() and time.monotonic() < deadline:
+    while not any((p / "scratch").exists() for p in partials()) and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
     process.send_signal(how)
     _, stderr = process.communicate(timeout=60)
     assert not out.exists()
-    if how == signal.SIGINT:
-        assert process.returncode == 130 and "Traceback" not in stderr and not partial.exists()
+    if how != signal.SIGKILL:
+        assert process.returncode == 128 + how and "Traceback" not in stderr and not partials()
+        assert not _processes_in_group(process.pid)
         assert stderr.strip().count("\n") == 0
     else:
-        assert partial.exists()  # what kill -9 leaves; the next run clears it
+        assert partials()  # what kill -9 leaves; the next run clears it
     subprocess.run(command, env=env, check=True, capture_output=True)
-    assert (out / "manifest.msgpack").is_file() and not partial.exists()
+    assert (out / "manifest.msgpack").is_file() and not partials()
     clean = tmp_path / "clean"
     subprocess.run(shard_command(clean), env=env, check=True, capture_output=True)
     for file in sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()):
         assert (out / file).read_bytes() == (clean / file).read_bytes(), file
+
+
+def _processes_in_group(group: int) -> list[int]:
+    """Live processes of a process group (workers outliving their job would be re-parented, but keep its group)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z" and int(fields[3]) == group:
+                found.append(int(entry.name))
+    return found

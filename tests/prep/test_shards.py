@@ -67,29 +67,3 @@ def test_refuses_other_versions_missing_manifest_and_truncated_files(wiki_shards
     (copy / MANIFEST_NAME).unlink()
     with pytest.raises(BertError, match="no manifest.msgpack"):
         open_dataset(copy)
-
-
-def test_external_shuffle_is_a_permutation_over_many_buckets(tmp_path):
-    """With more rows than one bucket holds, every row comes out exactly once, in an order that is not the input's
-    and is the same for the same seed."""
-    from prep.shuffle import ExternalShuffle
-
-    dtype = np.dtype([("input_ids", np.uint16, (4,)), ("nsp_labels", np.uint8)])
-
-    def shuffled(seed, directory):
-        directory.mkdir()
-        shuffle = ExternalShuffle(directory, dtype, seed, rows_per_bucket=1000)
-        rows = np.zeros(10_000, dtype)
-        rows["input_ids"][:, 0] = np.arange(10_000) % 65536
-        rows["input_ids"][:, 1] = np.arange(10_000) // 65536
-        for start in range(0, 10_000, 1234):
-            shuffle.append(rows[start : start + 1234])
-        out = []
-        shuffle.drain(lambda rows, order: out.append(rows[order]))
-        assert len(out) == 10 and not list(directory.iterdir())  # one shard per bucket; scratch files removed
-        return np.concatenate(out)["input_ids"][:, 0].astype(np.int64)
-
-    first = shuffled(3, tmp_path / "a")
-    assert sorted(first.tolist()) == list(range(10_000)) and (first != np.arange(10_000)).mean() > 0.99
-    assert np.array_equal(first, shuffled(3, tmp_path / "b"))
-    assert not np.array_equal(first, shuffled(4, tmp_path / "c"))

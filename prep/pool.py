@@ -1,0 +1,70 @@
+"""The shard job's worker processes: tasks run in any order and their (small) results come back, or, for one
+worker, everything runs here."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Callable, Iterable, Iterator
+
+
+class WorkerPool:
+    """`workers` processes started with `fork` (sharing what this process loaded), or `spawn` where there is no
+    fork, each running `initializer(*initargs)` (`spawn_initargs` under spawn) first."""
+
+    def __init__(self, workers: int, initializer: Callable, initargs: tuple, spawn_initargs: tuple):
+        self.workers = workers
+        self._pool = None
+        if workers > 1:
+            # fork starts workers in milliseconds; no thread runs yet, which makes it safe.
+            if "fork" in multiprocessing.get_all_start_methods():
+                context, args = multiprocessing.get_context("fork"), initargs
+            else:
+                context, args = multiprocessing.get_context("spawn"), spawn_initargs
+            self._pool = context.Pool(workers, initializer=initializer, initargs=args)
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def unordered(self, calls: Iterable[tuple[Callable, tuple]]) -> Iterator:
+        """fn(*args) for every (fn, args) of `calls`, as each finishes."""
+        if self._pool is None:
+            return (fn(*args) for fn, args in calls)
+        return self._pool.imap_unordered(_call, calls)
+
+    def ordered(self, calls: Iterable[tuple[Callable, tuple]]) -> list:
+        """fn(*args) for every (fn, args) of `calls`, in their order."""
+        if self._pool is None:
+            return [fn(*args) for fn, args in calls]
+        return self._pool.map(_call, list(calls), chunksize=1)
+
+    def later(self, fn: Callable, *args):
+        """Starts fn(*args); returns an object whose get() waits for the result."""
+        if self._pool is None:
+            return _Done(fn(*args))
+        return self._pool.apply_async(fn, args)
+
+
+def _call(fn_and_args: tuple):
+    fn, args = fn_and_args
+    return fn(*args)
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
