@@ -36,12 +36,13 @@ class MaskedLmLoss(torch.autograd.Function):
         targets = torch.where(counted, labels, 0)
         picked = logits.gather(1, targets[:, None])[:, 0].float()
         ctx.save_for_backward(logits, log_norm, targets, counted)
+        ctx.rows = rows
         return ((log_norm - picked) * counted).sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         logits, log_norm, targets, counted = ctx.saved_tensors
-        rows = max(1, _BLOCK_FLOATS // logits.shape[1])
+        rows = ctx.rows
         row_scale = grad_loss * counted
         grad = torch.empty_like(logits)
         for start in range(0, len(logits), rows):
