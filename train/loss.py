@@ -1,9 +1,10 @@
 """The masked-LM loss: summed cross-entropy of low-precision logits, computed in float32.
 
 On a CPU, `F.cross_entropy(logits.float())` makes full-size float32 copies of the logits, their log-softmax and its
-gradient, each larger than the cache at a few thousand slots x the vocabulary. `MaskedLmLoss` works through
-row blocks that fit in the cache and keeps only one float per row between forward and backward; its gradient
-comes out in the logits' dtype, as autocast's own cast would return it. Other devices keep the fused kernel.
+gradient, each larger than the cache at a few thousand slots x the vocabulary, and reads the logits again for the
+backward. `MaskedLmLoss` works through row blocks that fit in the cache and forms the gradient (softmax - one_hot)
+in the same pass as the loss, in the logits' dtype, as autocast's own cast would return it; backward only scales
+it. Other devices keep the fused kernel.
 """
 
 from __future__ import annotations
@@ -24,30 +25,34 @@ def masked_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 class MaskedLmLoss(torch.autograd.Function):
-    """Cross-entropy by row blocks: forward keeps logsumexp per row; backward is softmax - one_hot, block by block."""
+    """Cross-entropy by row blocks; the forward keeps d(sum)/d(logits) when the logits need a gradient, and the
+    backward scales it in place (so it runs once per forward, as a training step's does)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         rows = max(1, _BLOCK_FLOATS // logits.shape[1])
-        log_norm = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for start in range(0, len(logits), rows):
-            log_norm[start : start + rows] = torch.logsumexp(logits[start : start + rows].float(), dim=-1)
         counted = labels != IGNORE_INDEX
-        targets = torch.where(counted, labels, 0)
-        picked = logits.gather(1, targets[:, None])[:, 0].float()
-        ctx.save_for_backward(logits, log_norm, targets, counted)
-        ctx.rows = rows
-        return ((log_norm - picked) * counted).sum()
+        targets = torch.where(counted, labels, 0)[:, None]
+        weight = counted[:, None].float()
+        log_norm = torch.empty(len(logits), 1, dtype=torch.float32, device=logits.device)
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        scratch = torch.empty(min(rows, len(logits)), logits.shape[1], dtype=torch.float32, device=logits.device)
+        for start in range(0, len(logits), rows):
+            block = slice(start, start + rows)
+            exps = scratch[: len(logits[block])].copy_(logits[block])
+            top = exps.amax(-1, keepdim=True)
+            total = exps.sub_(top).exp_().sum(-1, keepdim=True)
+            log_norm[block] = total.log().add_(top)
+            if grad is not None:
+                probs = exps.mul_(weight[block] / total)
+                grad[block] = probs.scatter_add_(1, targets[block], -weight[block])
+        ctx.grad = grad
+        picked = logits.gather(1, targets).float()
+        return ((log_norm - picked) * weight).sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        logits, log_norm, targets, counted = ctx.saved_tensors
-        rows = ctx.rows
-        row_scale = grad_loss * counted
-        grad = torch.empty_like(logits)
-        for start in range(0, len(logits), rows):
-            block = slice(start, start + rows)
-            probs = (logits[block].float() - log_norm[block, None]).exp_()
-            probs.scatter_add_(1, targets[block, None], torch.full_like(log_norm[block, None], -1.0))
-            grad[block] = probs.mul_(row_scale[block, None])
-        return grad, None
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("the masked-LM loss's gradient was used already: backward runs once per forward")
+        return grad.mul_(grad_loss), None

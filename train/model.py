@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prep.errors import BertError
-from train.attention import attention
+from train.attention import attention, key_mask
 from train.dropout import Dropout
 
 # (layers, hidden) per named size; heads = hidden / 64 and ffn = 4 * hidden, as in Turc et al. and BERT itself.
@@ -170,8 +170,8 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden, config.hidden)
         self.output = nn.Linear(config.hidden, config.hidden)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """x [B, L, H]; attn_mask bool [B, 1, 1, L], true where a key may be attended to."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B, L, H]; attn_mask bool [B, 1, 1, L], true where a key may be attended to, or None for all."""
         batch, length, hidden = x.shape
 
         def split(t):
@@ -196,7 +196,7 @@ class Layer(nn.Module):
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_out(F.gelu(self.ffn_in(x)))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         if self.pre_norm:
             x = x + self.dropout(self.attention(self.attention_norm(x), attn_mask))
             return x + self.dropout(self._ffn(self.ffn_norm(x)))
@@ -231,7 +231,7 @@ class BertModel(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         if attention_mask is None:
             attention_mask = input_ids != self.config.pad_id
-        attn_mask = attention_mask.bool()[:, None, None, :]
+        attn_mask = key_mask(attention_mask)
         x = self.embeddings(input_ids, token_type_ids.long())
         for layer in self.layers:
             x = layer(x, attn_mask)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prep.errors import BertError
-from train.attention import attention
+from train.attention import attention, key_mask
 from train.dropout import dropout
 from train.model import SIZES, PretrainingOutput, SavedModelConfig, gather_positions
 
@@ -220,8 +220,8 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden, 3 * config.hidden, bias=False)
         self.Wo = nn.Linear(config.hidden, config.hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, L, H]; attn_mask bool broadcastable to [B, 1, L, L], true where a query may see a key."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, L, H]; attn_mask bool broadcastable to [B, 1, L, L], true where a query may see a key (None: all)."""
         batch, length, hidden = x.shape
         # Wqkv's rows are q, k, v in turn, each split into heads: transformers' layout. One copy into [3, B, heads,
         # L, D] makes each contiguous, which the rotation and attention run faster on than on strided views.
@@ -257,7 +257,7 @@ class Layer(nn.Module):
         self.mlp_norm = _layer_norm(config)
         self.mlp = Mlp(config)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), attn_mask, cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -285,23 +285,27 @@ class ModernBertModel(nn.Module):
         input_ids = input_ids.long()
         if attention_mask is None:
             attention_mask = input_ids != self.config.pad_id
-        global_mask = attention_mask.bool()[:, None, None, :]
+        global_mask = key_mask(attention_mask)
         x = self.embeddings(input_ids)
-        local_mask = self._local_mask(global_mask, length) if not all(l.is_global for l in self.layers) else None
+        local_mask = self._local_mask(global_mask, length, x.device) \
+            if not all(layer.is_global for layer in self.layers) else None
         tables = {True: self.global_rotary(length, x.device), False: self.local_rotary(length, x.device)}
         for layer in self.layers:
             x = layer(x, global_mask if layer.is_global else local_mask, *tables[layer.is_global])
         return self.final_norm(x)
 
-    def _local_mask(self, key_mask: torch.Tensor, length: int) -> torch.Tensor:
-        """[B, 1, L, L]: keys within half_window of the query and not padding, or the query itself.
+    def _local_mask(self, keys: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
+        """[B, 1, L, L] (or [L, L] without padding): keys within half_window of the query and not padding, or the
+        query itself.
 
         The diagonal changes no real token's attention (it sees itself anyway) but keeps a padding query whose whole
         window is padding from a fully masked row, which some kernels turn into NaN.
         """
-        index = torch.arange(length, device=key_mask.device)
+        index = torch.arange(length, device=device)
         distance = (index[:, None] - index[None, :]).abs()
-        return (key_mask & (distance <= self.config.half_window)) | (distance == 0)
+        if keys is None:
+            return distance <= self.config.half_window
+        return (keys & (distance <= self.config.half_window)) | (distance == 0)
 
 
 class PredictionHead(nn.Module):
