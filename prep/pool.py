@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from typing import Callable, Iterable, Iterator
 
 
 class WorkerPool:
     """`workers` processes started with `fork` (sharing what this process loaded), or `spawn` where there is no
-    fork, each running `initializer(*initargs)` (`spawn_initargs` under spawn) first."""
+    fork, each running `initializer(*initargs)` (`spawn_initargs` under spawn) first. SIGTERM, with which the pool
+    stops them, kills them at once whatever handler this process has."""
 
     def __init__(self, workers: int, initializer: Callable, initargs: tuple, spawn_initargs: tuple):
         self.workers = workers
@@ -21,7 +23,7 @@ class WorkerPool:
                 context, args = multiprocessing.get_context("fork"), initargs
             else:
                 context, args = multiprocessing.get_context("spawn"), spawn_initargs
-            self._pool = context.Pool(workers, initializer=initializer, initargs=args)
+            self._pool = context.Pool(workers, initializer=_start_worker, initargs=(initializer, *args))
 
     def __enter__(self) -> "WorkerPool":
         return self
@@ -48,6 +50,13 @@ class WorkerPool:
         if self._pool is None:
             return _Done(fn(*args))
         return self._pool.apply_async(fn, args)
+
+
+def _start_worker(initializer: Callable, *initargs) -> None:
+    # terminate() sends SIGTERM holding the task queue's lock; the CLI's Python-level handler runs only between
+    # bytecodes, so a worker it reached just as it blocked on that lock never ran it, and terminate() hung.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    initializer(*initargs)
 
 
 def _call(fn_and_args: tuple):

@@ -2,7 +2,9 @@
 
 A vocab directory holds vocab.txt (one token a line, id = line number), spm.model for `unigram`/`bpe` vocabularies,
 and vocab.json, the record of how it was made, written last. A directory made by `bertprep vocab --import` holds a
-Hugging Face tokenizer.json instead of vocab.txt, and a record of kind "hf-tokenizer" (prep/hf_tokenizer.py).
+Hugging Face tokenizer.json instead of vocab.txt, and a record of kind "hf-tokenizer" (prep/hf_tokenizer.py). Either
+is built in a hidden staging directory beside it and renamed into place when complete (`prep.outputs`), so that a
+killed job leaves no directory whose vocab.txt could pass for a finished vocabulary.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sentencepiece
 from prep.corpus import input_record, iter_lines, sample_lines
 from prep.errors import BertError
 from prep.hf_tokenizer import KIND as HF_KIND, TOKENIZER_FILE, HfTokenizer, TokenizerJsonVocab, is_tokenizer_json
-from prep.outputs import write_atomic
+from prep.outputs import refuse_existing, staged_dir
 from prep.spm import SentencePieceTokenizer, normalize_for_sentencepiece
 from prep.textio import ReadStats
 from prep.wordpiece import (CONTINUATION_PREFIX, SENTENCEPIECE_MARKER, SPECIAL_TOKENS, Vocab, WordPieceTokenizer,
@@ -69,8 +71,8 @@ class VocabConfig:
 def make_vocab(inputs: Sequence[Path], out_dir: Path, config: VocabConfig, force: bool = False) -> dict:
     """`bertprep vocab`: train on at most `config.sample_lines` lines sampled evenly over `inputs`; the record."""
     out_dir = Path(out_dir)
-    _check_replaceable(out_dir, force)
     paths = [Path(path) for path in inputs]
+    _check_replaceable(out_dir, force, paths)
     records = [input_record(path) for path in paths]
     lines = sample_lines(iter_lines(paths, ReadStats()), config.sample_lines)
     return train_vocab(lines, out_dir, config, records)
@@ -79,9 +81,9 @@ def make_vocab(inputs: Sequence[Path], out_dir: Path, config: VocabConfig, force
 def train_vocab(lines: Iterable[str], out_dir: Path, config: VocabConfig, inputs: list[dict] | None = None) -> dict:
     """Train a vocabulary on raw text lines (at most `config.sample_lines`) and write it to `out_dir`.
 
-    Writes vocab.txt (and spm.model for unigram/bpe), then vocab.json, each under a temporary name renamed when
-    complete. `inputs` ({"path", "bytes", "sha256", "format"} per input file) goes into the record, which is returned.
-    The same lines and config give a byte-identical vocab.txt.
+    Writes vocab.txt (and spm.model for unigram/bpe), then vocab.json, into a staging directory that replaces
+    `out_dir`, whatever it held, when complete. `inputs` ({"path", "bytes", "sha256", "format"} per input file) goes
+    into the record, which is returned. The same lines and config give a byte-identical vocab.txt.
     """
     out_dir = Path(out_dir)
     word_counts, lines_used = count_words(lines, config)
@@ -99,31 +101,25 @@ def train_vocab(lines: Iterable[str], out_dir: Path, config: VocabConfig, inputs
                                      eos_piece=SPECIAL_TOKENS[3], control_symbols=[SPECIAL_TOKENS[4]])
         tokens = _pieces(model)
     vocab_bytes = "".join(token + "\n" for token in tokens).encode("utf-8")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Until the new record lands, the directory must not claim to hold a finished vocabulary.
-    (out_dir / RECORD_FILE).unlink(missing_ok=True)
-    write_atomic(out_dir / VOCAB_FILE, vocab_bytes)
-    (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
-    if model is None:
-        (out_dir / MODEL_FILE).unlink(missing_ok=True)
-    else:
-        write_atomic(out_dir / MODEL_FILE, model)
-    vocab = Vocab.load(out_dir / VOCAB_FILE, lowercase=config.lowercase)
-    record = {
-        "format": RECORD_FORMAT,
-        "version": RECORD_VERSION,
-        "model_type": config.model_type,
-        "vocab_size": len(tokens),
-        "requested_vocab_size": config.vocab_size,
-        "lowercase": config.lowercase,
-        "inputs": list(inputs or []),
-        "lines_used": lines_used,
-        "options": asdict(config),
-        "vocab_sha256": vocab.sha256,
-        "special": vocab.special.as_dict(),
-    }
-    write_atomic(out_dir / RECORD_FILE, json.dumps(record, indent=2) + "\n")
+    with staged_dir(out_dir) as staging:
+        (staging / VOCAB_FILE).write_bytes(vocab_bytes)
+        if model is not None:
+            (staging / MODEL_FILE).write_bytes(model)
+        vocab = Vocab.load(staging / VOCAB_FILE, lowercase=config.lowercase)
+        record = {
+            "format": RECORD_FORMAT,
+            "version": RECORD_VERSION,
+            "model_type": config.model_type,
+            "vocab_size": len(tokens),
+            "requested_vocab_size": config.vocab_size,
+            "lowercase": config.lowercase,
+            "inputs": list(inputs or []),
+            "lines_used": lines_used,
+            "options": asdict(config),
+            "vocab_sha256": vocab.sha256,
+            "special": vocab.special.as_dict(),
+        }
+        _write_record(staging, record)
     return record
 
 
@@ -140,16 +136,11 @@ def import_tokenizer(source: Path, out_dir: Path, force: bool = False) -> dict:
     if not source_file.is_file():
         raise BertError(f"no tokenizer.json at {source_file}: pass a Hugging Face tokenizer.json or the model "
                         f"directory holding one")
-    _check_replaceable(out_dir, force)
+    _check_replaceable(out_dir, force, [source_file])
     data = source_file.read_bytes()
     vocab = TokenizerJsonVocab(source_file, data)
     HfTokenizer(vocab)  # the library must read the same tokens, or shard would fail later
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RECORD_FILE).unlink(missing_ok=True)
-    write_atomic(out_dir / TOKENIZER_FILE, data)
-    for stale in (VOCAB_FILE, MODEL_FILE):
-        (out_dir / stale).unlink(missing_ok=True)
     record = {
         "format": RECORD_FORMAT,
         "version": RECORD_VERSION,
@@ -167,13 +158,23 @@ def import_tokenizer(source: Path, out_dir: Path, force: bool = False) -> dict:
         "special_tokens": vocab.special_tokens,
         "continuation": vocab.continuation_rule,
     }
-    write_atomic(out_dir / RECORD_FILE, json.dumps(record, indent=2) + "\n")
+    with staged_dir(out_dir) as staging:
+        (staging / TOKENIZER_FILE).write_bytes(data)
+        _write_record(staging, record)
     return record
 
 
-def _check_replaceable(out_dir: Path, force: bool) -> None:
-    if not force and any((out_dir / name).exists() for name in (VOCAB_FILE, MODEL_FILE, TOKENIZER_FILE, RECORD_FILE)):
-        raise BertError(f"{out_dir} already holds a vocabulary; pass --force to replace it, or -o another directory")
+def _check_replaceable(out_dir: Path, force: bool, inputs: Sequence[Path]) -> None:
+    """The output directory is replaced as a whole: anything in it needs --force, and an input in it is refused."""
+    refuse_existing(out_dir, force, "pass --force to replace it, or -o to write elsewhere", noun="output")
+    for path in inputs:
+        if Path(path).resolve().is_relative_to(out_dir.resolve()):
+            raise BertError(f"input {path} is inside the output {out_dir}, which is replaced as a whole: pass -o "
+                            f"another directory")
+
+
+def _write_record(directory: Path, record: dict) -> None:
+    (directory / RECORD_FILE).write_bytes((json.dumps(record, indent=2) + "\n").encode("utf-8"))
 
 
 def count_words(lines: Iterable[str], config: VocabConfig) -> tuple[collections.Counter, int]:

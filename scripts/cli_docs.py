@@ -35,6 +35,11 @@ vocabulary's hash; `bertprep shard` reads its corpus from there when no `--input
 
 An existing BERT `vocab.txt` (bert-base-uncased's, say) works as `bertprep shard --vocab` as it is; its casing is
 inferred from it.
+
+**Writing**: as `bertprep shard` does, the job builds the directory in a hidden `.NAME.partial-PID-HEX/` of its own,
+`vocab.json` last, and renames it into place, holding `.NAME.lock` meanwhile: a killed job leaves no directory whose
+`vocab.txt` could pass for a finished vocabulary, and a re-run starts over cleanly. `--force` replaces the whole
+directory, so it refuses an input that lies inside it.
 """,
     "bertprep shard": """
 **Documents** are blank-line-separated blocks of plain text, WikiText articles (` = Title = ` starts one,

@@ -1,17 +1,23 @@
 """Real `bertprep`/`berttrain` jobs in processes of their own, for the tests of faults and of one writer per output."""
 
+import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from prep.locks import lock_path
+from prep.outputs import remove
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+KILL_SEED = 2024  # the order and delays of the kills in `check_kills_then_rerun`
 
 
 def job_command(module: str, *args) -> list[str]:
@@ -26,8 +32,9 @@ def run_job(module: str, *args, prefix: tuple = (), **popen) -> subprocess.Compl
 
 
 def start_job(module: str, *args, **popen) -> subprocess.Popen:
-    return subprocess.Popen(job_command(module, *args), cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    """Starts a job; its output comes through pipes unless `popen` says otherwise (`stdout=log`)."""
+    return subprocess.Popen(job_command(module, *args), cwd=REPO_ROOT, env=ENV,
+                            **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen})
 
 
 def stop_once_locked(process: subprocess.Popen, out: Path, timeout_s: float = 120) -> dict:
@@ -76,3 +83,102 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 def tree_bytes(directory: Path) -> dict[str, bytes]:
     """Every file under `directory` by relative path, with its bytes: to show an output untouched."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def tree_digests(directory: Path) -> dict[str, str]:
+    """Every file under `directory` by relative path, with its sha256: to compare outputs of megabytes, and to say
+    which file differs in a readable failure."""
+    return {name: hashlib.sha256(data).hexdigest() for name, data in tree_bytes(directory).items()}
+
+
+def beside(out: Path) -> list[str]:
+    """What the directory of `out` holds, `out` included: after a job completes, only `out` should be there."""
+    return sorted(os.listdir(Path(out).parent))
+
+
+def staging_of(process: subprocess.Popen, out: Path) -> Path | None:
+    """The staging directory of the job `process` beside `out` (`.NAME.partial-PID-HEX`), or None while there is
+    none."""
+    return next(out.parent.glob(f".{out.name}.partial-{process.pid}-*"), None)
+
+
+@dataclass(frozen=True)
+class Moment:
+    """A moment to kill a job at: once `event` holds (it is polled with the job's process), a seeded delay of up to
+    `max_delay_share` of a clean job's duration later."""
+
+    name: str
+    event: Callable[[subprocess.Popen], bool]
+    max_delay_share: float
+
+
+def started(process: subprocess.Popen) -> bool:
+    """The event of a job that has started: the moment after it is a seeded share of a clean job's time."""
+    return True
+
+
+def kill_at(process: subprocess.Popen, moment: Moment, clean_s: float, rng: random.Random,
+            whole_group: bool = False) -> str:
+    """SIGKILLs the job at `moment`, its delay drawn from `rng`: its process group (a job started with
+    `start_new_session`) when `whole_group`, else its main process alone, whose children are orphaned. Waits for the
+    main process; returns how the moment went, for the failure message of a test."""
+    delay_s = rng.uniform(0.0, moment.max_delay_share) * clean_s
+    while process.poll() is None and not moment.event(process):
+        time.sleep(0.002)
+    time.sleep(delay_s)
+    try:
+        if whole_group:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.send_signal(signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+    how = f"{delay_s * 1000:.0f} ms after {moment.name}, {'its process group' if whole_group else 'its main process'}"
+    return how if process.returncode == -signal.SIGKILL else f"{how} (finished first: exit {process.returncode})"
+
+
+def check_kills_then_rerun(module: str, args_for: Callable[[Path], tuple], tmp_path: Path,
+                           moments_for: Callable[[Path], list[Moment]], rounds: int) -> None:
+    """The fault test of a command that writes one output (`args_for(out)`): a clean job, then jobs SIGKILLed
+    `rounds` times at each of `moments_for(out)`, in a seeded order with seeded delays, then the same command once
+    more. Each kill leaves the output missing or whole; the last job completes with exactly the clean job's files,
+    and nothing else (staging, a lock file) is left beside the output."""
+    clean_out = tmp_path / "clean" / "out"
+    begun = time.monotonic()
+    clean_job = run_job(module, *args_for(clean_out))
+    clean_s = time.monotonic() - begun
+    assert clean_job.returncode == 0, clean_job.stderr
+    clean = tree_digests(clean_out)
+
+    out = tmp_path / "killed" / "out"
+    out.parent.mkdir()
+    rng = random.Random(KILL_SEED)
+    moments = moments_for(out) * rounds
+    rng.shuffle(moments)
+    jobs, report = [], []
+    try:
+        with open(tmp_path / "killed.log", "w") as log:
+            for i, moment in enumerate(moments):
+                jobs.append(start_job(module, *args_for(out), stdout=log, stderr=log, start_new_session=True))
+                # Half the kills leave the job's children running on, orphaned, as a kill -9 of its pid does.
+                report.append(kill_at(jobs[-1], moment, clean_s, rng, whole_group=i % 2 == 0))
+                if out.exists():  # killed after its final rename: the output must be whole
+                    assert tree_digests(out) == clean, report
+                    report[-1] += " (after the output was in place)"
+                    remove(out)  # so that the next job is a plain run again
+        rerun = run_job(module, *args_for(out))
+    finally:
+        _kill_groups(jobs)
+    assert rerun.returncode == 0, (report, rerun.stderr)
+    assert tree_digests(out) == clean, report
+    assert beside(out) == ["out"], report
+
+
+def _kill_groups(jobs: list[subprocess.Popen]) -> None:
+    """The orphans of killed jobs, if any still run."""
+    for job in jobs:
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

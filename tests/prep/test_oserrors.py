@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from prep.locks import lock_path
 from prep.oserrors import os_error_message
 from tests.jobs import error_line, run_job, tree_bytes
 
@@ -92,8 +93,8 @@ def test_permission_denied_is_one_line(tmp_path, vocab_dir, small_corpus):
 
 
 def test_a_file_where_a_directory_belongs_and_a_directory_where_a_file_belongs(tmp_path, vocab_dir, small_corpus):
-    """`-o FILE/new` names the file that stands in the way; a directory where vocab.txt goes names that directory;
-    neither leaves a temporary behind."""
+    """`-o FILE/new` names the file that stands in the way; a directory where the output's lock file goes names that
+    directory; neither leaves a temporary behind."""
     in_the_way = tmp_path / "notes.txt"
     in_the_way.write_text("a file")
     assert error_line(shard(small_corpus, vocab_dir, in_the_way / "new")) == (
@@ -101,12 +102,12 @@ def test_a_file_where_a_directory_belongs_and_a_directory_where_a_file_belongs(t
         f"elsewhere with -o")
 
     out = tmp_path / "vocab"
-    (out / "vocab.txt").mkdir(parents=True)
-    result = run_job("prep", "vocab", "-i", small_corpus, "--vocab-size", 500, "--threads", 1, "-o", out, "--force")
+    lock_path(out).mkdir()
+    result = run_job("prep", "vocab", "-i", small_corpus, "--vocab-size", 500, "--threads", 1, "-o", out)
     assert error_line(result) == (
-        f"cannot write {out}: Is a directory ({out}/vocab.txt): a directory stands where a file is needed: move that "
-        f"directory away, or write elsewhere with -o")
-    assert os.listdir(out) == ["vocab.txt"] and sorted(os.listdir(tmp_path)) == ["notes.txt", "vocab"]
+        f"cannot write {out}: Is a directory ({lock_path(out)}): a directory stands where a file is needed: move "
+        f"that directory away, or write elsewhere with -o")
+    assert sorted(os.listdir(tmp_path)) == [".vocab.lock", "notes.txt"]
 
 
 def test_too_many_open_files_is_one_line_and_leaves_no_staging(tmp_path, vocab_dir, small_corpus):

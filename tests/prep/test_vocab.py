@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -186,6 +188,27 @@ def test_make_vocab_reads_inputs_and_refuses_to_overwrite(tmp_path, wiki_valid):
     config = VocabConfig(vocab_size=800, sample_lines=500, threads=1)
     record = make_vocab([wiki_valid], out_dir, config)
     assert 0 < record["lines_used"] <= 500 and record["inputs"][0]["sha256"]
-    with pytest.raises(BertError, match="already holds a vocabulary; pass --force"):
+    with pytest.raises(BertError) as refused:
         make_vocab([wiki_valid], out_dir, config)
+    assert str(refused.value) == \
+        f"output {out_dir} already exists: pass --force to replace it, or -o to write elsewhere"
     assert make_vocab([wiki_valid], out_dir, config, force=True)["vocab_sha256"] == record["vocab_sha256"]
+
+
+def test_a_vocabulary_replaces_its_directory_whole_but_never_deletes_an_input(tmp_path, wiki_valid):
+    """A vocab directory is built aside and renamed into place whole, so one holding anything at all is replaced
+    only with --force, and never when an input lies inside it: the rename would delete the text trained on."""
+    out_dir = tmp_path / "vocab"
+    out_dir.mkdir()
+    corpus = out_dir / "corpus.txt"
+    corpus.write_bytes(wiki_valid.read_bytes())
+    config = VocabConfig(vocab_size=800, sample_lines=500, threads=1)
+    with pytest.raises(BertError, match=f"^output {re.escape(str(out_dir))} already exists: pass --force"):
+        make_vocab([wiki_valid], out_dir, config)
+    with pytest.raises(BertError) as refused:
+        make_vocab([corpus], out_dir, config, force=True)
+    assert str(refused.value) == \
+        f"input {corpus} is inside the output {out_dir}, which is replaced as a whole: pass -o another directory"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["vocab"] and os.listdir(out_dir) == ["corpus.txt"]
+    make_vocab([wiki_valid], out_dir, config, force=True)
+    assert sorted(os.listdir(out_dir)) == ["vocab.json", "vocab.txt"]

@@ -1,6 +1,7 @@
 """SIGKILL at any moment of `berttrain run` (mid-step, mid-save, mid-evaluation, while a resume starts up), then
 `--resume`, again and again: the finished run's records are exactly those of a run never killed, and nothing a
-killed write left behind remains."""
+killed write left behind remains. The same for `berttrain export`, re-run plainly: the export of a job never
+killed, byte for byte."""
 
 import json
 import os
@@ -18,6 +19,7 @@ from train.cli import main
 from train.config import TrainConfig
 from train.loop import run
 from train.rundir import METRICS_FILE
+from tests.jobs import Moment, check_kills_then_rerun, staging_of, started
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -92,3 +94,20 @@ def test_sigkill_at_seeded_moments_then_resume_gives_the_straight_records(wiki_s
     for path in ckpt.checkpoints_dir(run_dir).glob("step-*"):
         assert ckpt.is_complete(path), (path, moments)
         ckpt.verify_checkpoint(path)
+
+
+def export_moments(out) -> list[Moment]:
+    def writing(process):  # the weights, config and tokenizer files go into the staging directory
+        return staging_of(process, out) is not None
+
+    return [Moment("start", started, 1.0), Moment("its staging appeared", writing, 0.001)]
+
+
+def test_sigkill_of_export_at_seeded_moments_then_a_plain_rerun_writes_the_clean_bytes(tiny_run, tmp_path):
+    """Four `berttrain export --hf` jobs SIGKILLed at seeded moments (a seeded share of a clean export's time, and
+    while its files are written): none leaves an export directory that transformers could open half-written, and
+    the same command run again, without --force, writes every file (weights, config, tokenizer files, berttrain.json,
+    which names the same checkpoint and no time) byte for byte as an export never killed, with no staging directory
+    or lock file left beside it."""
+    check_kills_then_rerun("train", lambda out: ("export", "--run", tiny_run, "--hf", out), tmp_path, export_moments,
+                           rounds=2)
