@@ -3,16 +3,19 @@ worker, everything runs here."""
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import signal
 from typing import Callable, Iterable, Iterator
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
 
 class WorkerPool:
     """`workers` processes started with `fork` (sharing what this process loaded), or `spawn` where there is no
     fork, each running `initializer(*initargs)` (`spawn_initargs` under spawn) first. SIGTERM, with which the pool
-    stops them, kills them at once whatever handler this process has."""
+    stops them, kills them at once whatever handler this process has; on Linux they die with this process too."""
 
     def __init__(self, workers: int, initializer: Callable, initargs: tuple, spawn_initargs: tuple):
         self.workers = workers
@@ -23,7 +26,8 @@ class WorkerPool:
                 context, args = multiprocessing.get_context("fork"), initargs
             else:
                 context, args = multiprocessing.get_context("spawn"), spawn_initargs
-            self._pool = context.Pool(workers, initializer=_start_worker, initargs=(initializer, *args))
+            self._pool = context.Pool(workers, initializer=_start_worker,
+                                      initargs=(os.getpid(), initializer, *args))
 
     def __enter__(self) -> "WorkerPool":
         return self
@@ -52,11 +56,25 @@ class WorkerPool:
         return self._pool.apply_async(fn, args)
 
 
-def _start_worker(initializer: Callable, *initargs) -> None:
+def _start_worker(parent: int, initializer: Callable, *initargs) -> None:
     # terminate() sends SIGTERM holding the task queue's lock; the CLI's Python-level handler runs only between
     # bytecodes, so a worker it reached just as it blocked on that lock never ran it, and terminate() hung.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent)
     initializer(*initargs)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Has the kernel SIGKILL this worker when the job's main process dies (kill -9, the OOM killer): an orphan would
+    go on writing into the dead job's staging directory while the next job deletes it. Linux only; elsewhere
+    orphans stop at their next message to the pool."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _call(fn_and_args: tuple):

@@ -120,8 +120,9 @@ def started(process: subprocess.Popen) -> bool:
 def kill_at(process: subprocess.Popen, moment: Moment, clean_s: float, rng: random.Random,
             whole_group: bool = False) -> str:
     """SIGKILLs the job at `moment`, its delay drawn from `rng`: its process group (a job started with
-    `start_new_session`) when `whole_group`, else its main process alone, whose children are orphaned. Waits for the
-    main process; returns how the moment went, for the failure message of a test."""
+    `start_new_session`) when `whole_group`, else its main process alone, as a kill -9 of its pid does (its workers
+    die with it where the kernel can arrange that). Waits for the main process; returns how the moment went, for the
+    failure message of a test."""
     delay_s = rng.uniform(0.0, moment.max_delay_share) * clean_s
     while process.poll() is None and not moment.event(process):
         time.sleep(0.002)
@@ -161,7 +162,7 @@ def check_kills_then_rerun(module: str, args_for: Callable[[Path], tuple], tmp_p
         with open(tmp_path / "killed.log", "w") as log:
             for i, moment in enumerate(moments):
                 jobs.append(start_job(module, *args_for(out), stdout=log, stderr=log, start_new_session=True))
-                # Half the kills leave the job's children running on, orphaned, as a kill -9 of its pid does.
+                # Half the kills reach the main process alone, as a kill -9 of its pid does.
                 report.append(kill_at(jobs[-1], moment, clean_s, rng, whole_group=i % 2 == 0))
                 if out.exists():  # killed after its final rename: the output must be whole
                     assert tree_digests(out) == clean, report
@@ -176,9 +177,24 @@ def check_kills_then_rerun(module: str, args_for: Callable[[Path], tuple], tmp_p
 
 
 def _kill_groups(jobs: list[subprocess.Popen]) -> None:
-    """The orphans of killed jobs, if any still run."""
+    """What is left of killed jobs, if anything still runs."""
     for job in jobs:
         try:
             os.killpg(job.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def processes_in_group(group: int) -> list[int]:
+    """Live processes of a process group (workers outliving their job would be re-parented, but keep its group)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z" and int(fields[3]) == group:
+                found.append(int(entry.name))
+    return found

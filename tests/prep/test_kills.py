@@ -55,7 +55,7 @@ def test_sigkill_of_shard_at_seeded_moments_then_a_plain_rerun_writes_the_clean_
                                                                                        long_corpus, wiki_valid):
     """Four `bertprep shard` jobs with two workers, SIGKILLed at seeded moments: a seeded share of a clean job's
     time, and seeded delays after its staging appears, after its first rows are spooled and after its second pass
-    begins; half of them with their workers orphaned. Each leaves no dataset (or the whole one), and the same
+    begins; half of them killing the main process alone. Each leaves no dataset (or the whole one), and the same
     command run again, without --force, writes every file byte for byte as a job never killed does, leaving no
     staging directory, scratch file or lock file beside the dataset."""
     check_kills_then_rerun("prep", lambda out: shard_args(long_corpus, wiki_valid, vocab_dir, out), tmp_path,

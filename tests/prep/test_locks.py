@@ -14,8 +14,8 @@ import time
 import pytest
 
 from prep.locks import OutputBusy, lock_path, output_lock, process_alive
-from tests.jobs import (ENV, REPO_ROOT, busy_message, error_line, finish, holder_text, run_job, start_job,
-                        stop_once_locked)
+from tests.jobs import (ENV, REPO_ROOT, busy_message, error_line, finish, holder_text, processes_in_group, run_job,
+                        start_job, stop_once_locked)
 
 # Holds the lock of argv[1]; with argv[2] == "fork", forks a child that sleeps on (and says when it runs, so past
 # the fork handlers); prints the pids, then sleeps.
@@ -123,20 +123,25 @@ def test_a_second_shard_job_on_a_dataset_refuses_and_the_first_finishes_intact(t
 
 
 def test_a_sigkilled_shard_jobs_lock_and_staging_give_way_to_the_next_job(tmp_path, vocab_dir, long_corpus):
-    """SIGKILL a `bertprep shard` job with two workers mid-write, the workers left running: its lock file and
-    staging stay behind. The next job takes the lock over (saying whose it was), deletes that staging and writes a
-    dataset that verifies."""
+    """SIGKILL the main process of a `bertprep shard` job with two workers mid-write: the kernel kills its workers
+    with it (none goes on writing into the dead job's staging), and its lock file and staging stay behind. The next
+    job takes the lock over (saying whose it was), deletes that staging and writes a dataset that verifies."""
     out = tmp_path / "data" / "wiki_64"
     out.parent.mkdir()
     first = start_job("prep", *shard_args(long_corpus, vocab_dir, out, "--workers", 2), start_new_session=True)
     try:
         staging = re.compile(rf"\.wiki_64\.partial-{first.pid}-[0-9a-f]+")
         deadline = time.monotonic() + 60
-        while not any(staging.fullmatch(name) for name in os.listdir(out.parent)):
+        while not (any(staging.fullmatch(name) for name in os.listdir(out.parent))
+                   and len(processes_in_group(first.pid)) == 3):  # the main process and its two workers
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.002)
         record = json.loads(lock_path(out).read_text())
-        kill(first)  # the main process alone: its workers are orphaned, not killed
+        kill(first)  # the main process alone
+        deadline = time.monotonic() + 10
+        while processes_in_group(first.pid):
+            assert time.monotonic() < deadline, f"workers outlived their job: {processes_in_group(first.pid)}"
+            time.sleep(0.01)
 
         second = run_job("prep", *shard_args(long_corpus, vocab_dir, out, "--workers", 1))
         assert second.returncode == 0, second.stderr
@@ -144,7 +149,7 @@ def test_a_sigkilled_shard_jobs_lock_and_staging_give_way_to_the_next_job(tmp_pa
             f"note: taking over the lock of {out} from a job that is gone ({holder_text(record)})"
     finally:
         try:
-            os.killpg(first.pid, signal.SIGKILL)  # the orphaned workers, if they still run
+            os.killpg(first.pid, signal.SIGKILL)  # whatever is left of the job when a check above failed
         except ProcessLookupError:
             pass
     assert os.listdir(out.parent) == ["wiki_64"]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT, build_wiki_shards
+from tests.jobs import processes_in_group
 from prep.corpus import split_sentences
 from prep.masking import restore
 from prep.shards import open_dataset
@@ -177,7 +178,7 @@ def test_interrupted_run_leaves_no_dataset_and_rerun_completes(tmp_path, vocab_d
     assert not out.exists()
     if how != signal.SIGKILL:
         assert process.returncode == 128 + how and "Traceback" not in stderr and not partials()
-        assert not _processes_in_group(process.pid)
+        assert not processes_in_group(process.pid)
         assert stderr.strip().count("\n") == 0
     else:
         assert partials()  # what kill -9 leaves; the next run clears it
@@ -187,18 +188,3 @@ def test_interrupted_run_leaves_no_dataset_and_rerun_completes(tmp_path, vocab_d
     subprocess.run(shard_command(clean), env=env, check=True, capture_output=True)
     for file in sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()):
         assert (out / file).read_bytes() == (clean / file).read_bytes(), file
-
-
-def _processes_in_group(group: int) -> list[int]:
-    """Live processes of a process group (workers outliving their job would be re-parented, but keep its group)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if fields[0] != "Z" and int(fields[3]) == group:
-                found.append(int(entry.name))
-    return found
