@@ -19,7 +19,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
               dropout_p: float = 0.0) -> torch.Tensor:
     """q, k, v [B, heads, L, D]; attn_mask bool broadcastable to [B, 1, L, L], true where a query may see a key.
 
-    Computes in v's dtype (q and k may come as float32, rotated by RoPE) and returns [B, heads, L, D] in it.
+    Computes in v's dtype (q and k are cast to it) and returns [B, heads, L, D] in it.
     Dropout on the probabilities when dropout_p > 0.
     """
     q, k = q.to(v.dtype), k.to(v.dtype)  # a no-op under CUDA's autocast, which casts all three

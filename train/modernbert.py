@@ -204,11 +204,14 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., L, D] rotated by position (half-split pairing), in float32; cos, sin [L, D / 2] from `Rotary`.
+    """x [..., L, D] rotated by position (half-split pairing), in x's dtype; cos, sin [L, D / 2] from `Rotary`.
 
-    The products transformers forms with its rotated copy of x, half by half, without making that copy.
+    The products transformers forms with its rotated copy of x, half by half, without making that copy; under
+    autocast in bf16, as transformers casts its tables to q's dtype (in float32 it took twice as long on a CPU, with
+    the attention after it in bf16 anyway).
     """
-    first, second = x.float().chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 

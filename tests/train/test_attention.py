@@ -29,7 +29,7 @@ def test_bf16_matches_fp32_attention_within_bf16_rounding(masked):
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = attention(q, k, v, attn_mask)
-        rotated = attention(q.float(), k.float(), v, attn_mask)  # RoPE hands over float32 q and k
+        rotated = attention(q.float(), k.float(), v, attn_mask)  # q and k are cast to v's dtype
     assert got.dtype == rotated.dtype == torch.bfloat16
     assert torch.equal(got, rotated)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
