@@ -34,11 +34,11 @@ def test_workers_die_of_sigterm_whatever_handler_the_main_process_has():
 
 
 # A job whose two workers each sleep through a long task; prints the workers' pids, then waits for them.
-LONG_TASKS = """
+LONG_TASKS = r"""
 import os, sys, time
 from prep.pool import WorkerPool
 def nap(seconds):
-    print(os.getpid(), flush=True)
+    os.write(1, f"{os.getpid()}\n".encode())  # one write: the two workers' lines never interleave
     time.sleep(seconds)
 with WorkerPool(2, lambda: None, (), ()) as pool:
     pool.ordered([(nap, (60,)), (nap, (60,))])
