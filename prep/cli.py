@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -24,18 +23,8 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's notice, `kill`), delivered as Ctrl-C is so that the same clean-up runs."""
 
 
-def _terminate_handler(owner_pid: int):
-    """A SIGTERM handler raising `Terminated` in the process that installed it; forked workers inherit it, and there
-    SIGTERM (the pool's way to stop them) keeps its default action."""
-
-    def terminate(signum, frame):
-        if os.getpid() != owner_pid:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        raise Terminated()
-
-    return terminate
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 class ErrorHandlingGroup(click.Group):
@@ -45,7 +34,7 @@ class ErrorHandlingGroup(click.Group):
     interrupted_message = "interrupted: nothing was written; run the command again to start over"
 
     def invoke(self, ctx):
-        previous = signal.signal(signal.SIGTERM, _terminate_handler(os.getpid()))
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)  # workers reset it (`prep.pool`)
         try:
             return super().invoke(ctx)
         except BertError as exc:

@@ -93,36 +93,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class SplitWriter:
-    """Writes one split's rows as shard files of at most `rows_per_shard` rows, in the order given."""
-
-    def __init__(self, directory: Path, rows_per_shard: int):
-        self.directory = directory
-        self.rows_per_shard = rows_per_shard
-        self.shards: list[dict] = []
-        self._pending: list[np.ndarray] = []
-        self._pending_rows = 0
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def append(self, rows: np.ndarray) -> None:
-        """Adds a block of row records (a structured array of `row_dtype`)."""
-        self._pending.append(rows)
-        self._pending_rows += len(rows)
-        while self._pending_rows >= self.rows_per_shard:
-            block = np.concatenate(self._pending)
-            self._write_shard(block[: self.rows_per_shard])
-            rest = block[self.rows_per_shard :]
-            self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
-
-    def close(self) -> None:
-        if self._pending_rows:
-            self._write_shard(np.concatenate(self._pending))
-        self._pending, self._pending_rows = [], 0
-
-    def _write_shard(self, rows: np.ndarray) -> None:
-        self.shards.append(write_shard(self.directory, len(self.shards), rows))
-
-
 def write_shard(directory: Path, index: int, rows: np.ndarray, order: np.ndarray | None = None,
                 names: tuple[str, ...] | None = None) -> dict:
     """Writes `rows[order]` (row records of `row_dtype`; all of them in order when `order` is None) as shard `index`
@@ -156,9 +126,6 @@ class DatasetWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             remove(self.partial_dir, ignore_errors=True)
-
-    def split_writer(self, split: str, rows_per_shard: int) -> SplitWriter:
-        return SplitWriter(self.partial_dir / split, rows_per_shard)
 
     def split_dir(self, split: str) -> Path:
         """The directory a split's shards are written to (by `write_shard`, in any process)."""

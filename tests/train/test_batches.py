@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prep.errors import BertError
-from prep.shards import DatasetWriter, open_dataset, row_dtype
+from prep.shards import DatasetWriter, open_dataset, row_dtype, write_shard
 from train.batches import (BatchLayout, BatchOrder, BatchStream, PageReleaser, as_tensors, eval_slices,
                            to_device)
 
@@ -119,14 +119,13 @@ def test_resident_memory_stays_flat_over_thousands_of_steps(tmp_path):
     dtype = row_dtype(max_len, 38, 30522, nsp=False)
     rng = np.random.default_rng(0)
     with DatasetWriter(tmp_path / "big") as writer:
-        split_writer = writer.split_writer("train", rows_per_shard=16_000)
-        for start in range(0, rows, 8000):
-            block = np.zeros(8000, dtype)
-            block["input_ids"] = rng.integers(0, 30522, (8000, max_len))
-            split_writer.append(block)
-        split_writer.close()
+        shards = []
+        for index, start in enumerate(range(0, rows, 16_000)):
+            block = np.zeros(16_000, dtype)
+            block["input_ids"] = rng.integers(0, 30522, (16_000, max_len))
+            shards.append(write_shard(writer.split_dir("train"), index, block))
         writer.finish({"max_len": max_len, "options": {}, "vocab": {"size": 30522},
-                       "splits": {"train": {"rows": rows, "shards": split_writer.shards}}})
+                       "splits": {"train": {"rows": rows, "shards": shards}}})
     split = open_dataset(tmp_path / "big").split("train")
     assert PageReleaser(split).enabled
     layout = BatchLayout(16)
