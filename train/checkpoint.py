@@ -26,7 +26,7 @@ import torch
 
 from prep.errors import BertError
 from prep.locks import process_alive
-from prep.outputs import remove, staged_dir, staging_owner, write_atomic
+from prep.outputs import open_atomic, remove, staged_dir, staging_owner, write_atomic
 from prep.shards import file_sha256
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -94,22 +94,14 @@ class _KeepsWriteError:
 def save_torch_file(obj, path: Path, fsync: bool = False) -> None:
     """torch.save(obj) to `path`, flushed to disk with `fsync`; a failed write (a full disk) raises its OSError,
     naming `path`, rather than torch's RuntimeError."""
-    try:
-        with open(path, "wb") as raw:
-            f = _KeepsWriteError(raw)
-            try:
-                torch.save(obj, f)
-            except RuntimeError:
-                if f.error is None:
-                    raise
-                raise f.error from None
-            raw.flush()
-            if fsync:
-                os.fsync(raw.fileno())
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)
-        raise
+    with open_atomic(path, fsync=fsync) as raw:
+        f = _KeepsWriteError(raw)
+        try:
+            torch.save(obj, f)
+        except RuntimeError:
+            if f.error is None:
+                raise
+            raise f.error from None
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
