@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -23,8 +24,20 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's notice, `kill`), delivered as Ctrl-C is so that the same clean-up runs."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+def _terminate_handler(owner_pid: int):
+    """A SIGTERM handler raising `Terminated` in the process that installed it; forked workers inherit it, and there
+    SIGTERM (the pool's way to stop them) keeps its default action. The pool resets it in its workers too, but a
+    worker it stops before that (a pool that failed to start, out of file descriptors) still holds this handler, and
+    raising there hung the job."""
+
+    def terminate(signum, frame):
+        if os.getpid() != owner_pid:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    return terminate
 
 
 class ErrorHandlingGroup(click.Group):
@@ -34,7 +47,7 @@ class ErrorHandlingGroup(click.Group):
     interrupted_message = "interrupted: nothing was written; run the command again to start over"
 
     def invoke(self, ctx):
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)  # workers reset it (`prep.pool`)
+        previous = signal.signal(signal.SIGTERM, _terminate_handler(os.getpid()))
         try:
             return super().invoke(ctx)
         except BertError as exc:
