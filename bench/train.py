@@ -193,10 +193,11 @@ def trainer_row(args, device: torch.device, precision: str) -> dict:
     seconds = sum(step_seconds)
     with torch.device("meta"):  # only its parameter count is needed
         params = count_parameters(new_model(model_config))
-    flops = modernbert.flops_per_token if args.arch == "modernbert" else flops_per_token
+    flops = modernbert.flops_per_token(model_config, dataset.max_len, predictions, sparse_last_layer=True) \
+        if args.arch == "modernbert" else flops_per_token(model_config, dataset.max_len, predictions)
     return {"tokens_per_s": len(step_seconds) * tokens_per_step / seconds,
             "data_wait_frac": sum(w * t for w, t in zip(waits, step_seconds)) / seconds,
-            "flops": flops(model_config, dataset.max_len, predictions), "params": params,
+            "flops": flops, "params": params,
             "max_len": dataset.max_len}
 
 
@@ -246,7 +247,8 @@ def contenders(args, device: torch.device, batch: dict) -> list[tuple]:
         peers.append((f"HF ModernBertForMaskedLM (sdpa, sparse_prediction {'on' if sparse else 'off'})",
                       hf.to(device).train(), hf_step, hf_inputs(batch),
                       modernbert.flops_per_token(shape, args.seq_len, args.predictions if sparse else None)))
-    return [("ours", ours, ours_step, batch, modernbert.flops_per_token(shape, args.seq_len, args.predictions)),
+    return [("ours", ours, ours_step, batch,
+             modernbert.flops_per_token(shape, args.seq_len, args.predictions, sparse_last_layer=True)),
             *peers]
 
 

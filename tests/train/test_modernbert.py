@@ -131,11 +131,13 @@ def test_transformers_weights_load_into_ours():
     assert torch.allclose(ours.logits(input_ids, positions), hf_logits_at(theirs, input_ids, positions), atol=1e-5)
 
 
-def test_gradients_match_transformers():
+@pytest.mark.parametrize("every", [3, 2], ids=["last-layer-global", "last-layer-local"])
+def test_gradients_match_transformers(every):
     """The same masked-LM loss on padded rows gives every weight transformers' gradient (fp32, relative 1e-4): the
-    training path is the same, tied decoder included, not only the logits."""
+    training path is the same, tied decoder and a last layer run at the masked positions included, not only the
+    logits."""
     torch.manual_seed(4)
-    config = tiny_config()
+    config = tiny_config(global_attn_every_n_layers=every)
     ours = ModernBertForPretraining(config).eval()
     theirs = hf_model(config)
     theirs.load_state_dict(to_hf_state_dict(ours), strict=True)
@@ -149,6 +151,21 @@ def test_gradients_match_transformers():
     for name, param in ours.named_parameters():
         grad, expected = param.grad[: reference[name].shape[0]], reference[name].grad
         assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item()), name
+
+
+@pytest.mark.parametrize("every", [3, 2], ids=["last-layer-global", "last-layer-local"])
+def test_last_layer_at_positions_gives_the_full_runs_vectors(every):
+    """Asking for some positions runs the last layer at those alone, and gives what the full run gives there:
+    positions in padding, repeated, and at both ends of a row crossing the window included."""
+    torch.manual_seed(5)
+    model = ModernBertForPretraining(tiny_config(global_attn_every_n_layers=every)).model.eval()
+    input_ids, _ = padded_batch(128, seed=5)
+    positions = torch.tensor([[0, 127, 64, 64, 5], [0, 63, 64, 100, 127], [9, 10, 11, 0, 120]])
+    with torch.no_grad():
+        full = model(input_ids)
+        picked = model(input_ids, positions=positions.to(torch.int32))
+    assert picked.shape == (3, 5, 64)
+    assert torch.allclose(picked, torch.gather(full, 1, positions[..., None].expand(-1, -1, 64)), atol=1e-5, rtol=0)
 
 
 def test_state_dict_mapping_round_trip_and_refusals():
@@ -311,6 +328,10 @@ def test_flops_count_the_window():
     keys = 2 * seq_len + 2 * band.sum().item() / seq_len  # layers 0 and 3 global, 1 and 2 local
     matmuls = 4 * (4 * 64 * 64 + 3 * 64 * 96) + (64 * 64 + config.padded_vocab_size * 64) * 20 / seq_len
     assert math.isclose(flops_per_token(config, seq_len, 20), 6 * matmuls + 12 * 64 * keys)
+    # Only 20 of 128 tokens ask in the last layer (global): its q, Wo, GeGLU and attention shrink to that share.
+    saved = (1 - 20 / seq_len) * (6 * (2 * 64 * 64 + 3 * 64 * 96) + 12 * 64 * seq_len)
+    assert math.isclose(flops_per_token(config, seq_len, 20, sparse_last_layer=True),
+                        6 * matmuls + 12 * 64 * keys - saved)
     # A GeGLU of half width 96 holds the weights of a 144-wide BERT MLP, so only attention could differ.
     wide = tiny_config(local_attention=1024)
     bert = ModelConfig(vocab_size=VOCAB, hidden=64, layers=4, heads=2, ffn=144)
