@@ -194,7 +194,8 @@ def trainer_row(args, device: torch.device, precision: str) -> dict:
     with torch.device("meta"):  # only its parameter count is needed
         params = count_parameters(new_model(model_config))
     flops = modernbert.flops_per_token(model_config, dataset.max_len, predictions, sparse_last_layer=True) \
-        if args.arch == "modernbert" else flops_per_token(model_config, dataset.max_len, predictions)
+        if args.arch == "modernbert" else flops_per_token(model_config, dataset.max_len, predictions,
+                                                           sparse_last_layer=True)
     return {"tokens_per_s": len(step_seconds) * tokens_per_step / seconds,
             "data_wait_frac": sum(w * t for w, t in zip(waits, step_seconds)) / seconds,
             "flops": flops, "params": params,
@@ -235,7 +236,8 @@ def contenders(args, device: torch.device, batch: dict) -> list[tuple]:
     if args.arch == "bert":
         hf = transformers.BertForMaskedLM._from_config(transformers.BertConfig(**hf_bert.hf_config_dict(shape)),
                                                        attn_implementation="sdpa")
-        return [("ours", ours, ours_step, batch, flops_per_token(shape, args.seq_len, args.predictions)),
+        return [("ours", ours, ours_step, batch,
+                 flops_per_token(shape, args.seq_len, args.predictions, sparse_last_layer=True)),
                 ("HF BertForMaskedLM (sdpa)", hf.to(device).train(), hf_step, hf_inputs(batch),
                  flops_per_token(shape, args.seq_len))]
     special = {"pad": PAD_ID, "cls": 2, "sep": 3, "mask": 4}

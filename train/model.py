@@ -170,16 +170,19 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden, config.hidden)
         self.output = nn.Linear(config.hidden, config.hidden)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """x [B, L, H]; attn_mask bool [B, 1, 1, L], true where a key may be attended to, or None for all."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                queries: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, H] -> [B, L, H]; attn_mask bool [B, 1, 1, L], true where a key may be attended to, or None for
+        all. With `queries` (long [B, P]) only the tokens at those positions ask, and the result is [B, P, H]."""
         batch, length, hidden = x.shape
 
         def split(t):
-            return t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
+            return t.view(batch, -1, self.heads, hidden // self.heads).transpose(1, 2)
 
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        asking = x if queries is None else gather_positions(x, queries)
+        q, k, v = split(self.query(asking)), split(self.key(x)), split(self.value(x))
         out = attention(q, k, v, attn_mask, self.dropout_p if self.training else 0.0)
-        return self.output(out.transpose(1, 2).reshape(batch, length, hidden))
+        return self.output(out.transpose(1, 2).reshape(batch, -1, hidden))
 
 
 class Layer(nn.Module):
@@ -196,11 +199,14 @@ class Layer(nn.Module):
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_out(F.gelu(self.ffn_in(x)))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                queries: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, H] -> [B, L, H], or with `queries` [B, P] the output at those positions only, [B, P, H]."""
+        residual = x if queries is None else gather_positions(x, queries)
         if self.pre_norm:
-            x = x + self.dropout(self.attention(self.attention_norm(x), attn_mask))
+            x = residual + self.dropout(self.attention(self.attention_norm(x), attn_mask, queries))
             return x + self.dropout(self._ffn(self.ffn_norm(x)))
-        x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask)))
+        x = self.attention_norm(residual + self.dropout(self.attention(x, attn_mask, queries)))
         return self.ffn_norm(x + self.dropout(self._ffn(x)))
 
 
@@ -217,11 +223,13 @@ class BertModel(nn.Module):
         self.final_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps) if config.norm == "pre" else None
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, L] of any integer dtype (uint16 shards are widened here, once, on the device).
 
         token_type_ids [B, L] defaults to zeros; attention_mask [B, L] (true/1 = real token) defaults to
-        input_ids != pad_id.
+        input_ids != pad_id. Returns the last hidden states [B, L, H], or with `positions` [B, P] (any integer
+        dtype) those at the positions, [B, P, H]: the last layer then asks only there (keys and values stay at
+        every token), which gives the full run's vectors (to float rounding) for a share of its work.
         """
         if input_ids.shape[1] > self.config.max_positions:
             raise BertError(f"rows of {input_ids.shape[1]} tokens exceed the model's --max-positions "
@@ -233,8 +241,8 @@ class BertModel(nn.Module):
             attention_mask = input_ids != self.config.pad_id
         attn_mask = key_mask(attention_mask)
         x = self.embeddings(input_ids, token_type_ids.long())
-        for layer in self.layers:
-            x = layer(x, attn_mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attn_mask, positions.long() if positions is not None and i == len(self.layers) - 1 else None)
         return x if self.final_norm is None else self.final_norm(x)
 
 
@@ -279,13 +287,16 @@ class BertForPretraining(nn.Module):
         mlm_labels != pad_id) the logits are [N, vocab_size] for the N true slots in row-major order, matching
         `mlm_labels[mlm_valid]`; boolean indexing costs one host-device sync.
         """
-        hidden = self.encoder(input_ids, token_type_ids, attention_mask)
-        picked = gather_positions(hidden, mlm_positions)
+        if self.config.nsp:  # the pooler reads [CLS], position 0: asked for first
+            mlm_positions = F.pad(mlm_positions.long(), (1, 0))
+        picked = self.encoder(input_ids, token_type_ids, attention_mask, positions=mlm_positions)
+        nsp_logits = None
+        if self.config.nsp:
+            nsp_logits = self.nsp_head(torch.tanh(self.pooler(picked[:, 0])))
+            picked = picked[:, 1:]
         if mlm_valid is not None:
             picked = picked[mlm_valid.bool()]
-        mlm_logits = self.mlm_head(picked, self.encoder.embeddings.word.weight)
-        nsp_logits = self.nsp_head(torch.tanh(self.pooler(hidden[:, 0]))) if self.config.nsp else None
-        return PretrainingOutput(mlm_logits, nsp_logits)
+        return PretrainingOutput(self.mlm_head(picked, self.encoder.embeddings.word.weight), nsp_logits)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
@@ -293,9 +304,7 @@ class BertForPretraining(nn.Module):
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Inference (call .eval() first): MLM logits [B, P, vocab_size] at `positions` [B, P], or
         [B, L, vocab_size] when None."""
-        hidden = self.encoder(input_ids, token_type_ids, attention_mask)
-        if positions is not None:
-            hidden = gather_positions(hidden, positions)
+        hidden = self.encoder(input_ids, token_type_ids, attention_mask, positions=positions)
         return self.mlm_head(hidden, self.encoder.embeddings.word.weight)
 
 
@@ -323,16 +332,22 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_token(config: ModelConfig, seq_len: int, predictions_per_row: int | None = None) -> float:
+def flops_per_token(config: ModelConfig, seq_len: int, predictions_per_row: int | None = None,
+                    sparse_last_layer: bool = False) -> float:
     """Training FLOPs (forward + backward) per input token, for MFU.
 
-    6 per matmul weight per token (Kaplan et al.), plus 12 * layers * hidden * seq_len for the attention
+    6 per matmul weight per token (Kaplan et al.), plus 12 * hidden * seq_len per layer for the attention
     scores and weighted sum. The MLM head counts only at predictions_per_row of every seq_len tokens, as it runs;
-    None counts it at every token. Embedding lookups are not matmuls and count nothing.
+    None counts it at every token. With sparse_last_layer the last layer's query, output projection, FFN and
+    attention count at those tokens too (and [CLS] with NSP), as ours runs them; its keys and values at every
+    token. Embedding lookups are not matmuls and count nothing.
     """
     h, f = config.hidden, config.ffn
-    encoder = config.layers * (4 * h * h + 2 * h * f)
+    share = 1.0 if predictions_per_row is None else predictions_per_row / seq_len
+    asked = (predictions_per_row + config.nsp) / seq_len if sparse_last_layer and predictions_per_row else 1.0
+    layer = 4 * h * h + 2 * h * f
+    encoder = (config.layers - 1) * layer + 2 * h * h + asked * (2 * h * h + 2 * h * f)
     head = h * h + config.padded_vocab_size * h
-    head_share = 1.0 if predictions_per_row is None else predictions_per_row / seq_len
     pooler = (h * h + 2 * h) / seq_len if config.nsp else 0.0
-    return 6 * (encoder + head * head_share + pooler) + 12 * config.layers * h * seq_len
+    attention = 12 * h * seq_len * (config.layers - 1 + asked)
+    return 6 * (encoder + head * share + pooler) + attention

@@ -1,5 +1,7 @@
 """The model: parity with Hugging Face BERT, the masked-positions-only head, vocabulary padding, and that it learns."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,6 +135,30 @@ def test_mlm_head_runs_only_at_masked_positions():
     torch.testing.assert_close(model.logits(input_ids, positions, token_type_ids), dense)
 
 
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_last_layer_at_positions_gives_the_full_runs_vectors_and_gradients(norm):
+    """Asking the encoder for some positions runs its last layer at those alone, and gives the full run's vectors
+    there (positions in padding and repeated ones included) and the same gradient for every encoder weight."""
+    torch.manual_seed(4)
+    model = BertForPretraining(small_config(norm=norm)).eval()  # no dropout, whose draws follow the shapes
+    input_ids, token_type_ids, _ = padded_batch(seed=4)
+    positions = torch.tensor([[0, 23, 5, 5, 12], [0, 16, 17, 20, 23], [1, 2, 11, 12, 0]])
+    index = positions[..., None].expand(-1, -1, 64)
+    weights = torch.randn(3, 5, 64)
+    results = []
+    for asked in (True, False):
+        model.zero_grad()
+        hidden = model.encoder(input_ids, token_type_ids, positions=positions.to(torch.int32)) if asked \
+            else torch.gather(model.encoder(input_ids, token_type_ids), 1, index)
+        (hidden * weights).sum().backward()
+        results.append((hidden.detach(), {name: p.grad.clone() for name, p in model.encoder.named_parameters()}))
+    (picked, grads), (full, full_grads) = results
+    torch.testing.assert_close(picked, full, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == full_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_padded_vocab_rows_get_zero_probability():
     """The matrix has 1024 rows for speed but logits cover only the 1000 real ids, so sampling or argmax can
     never produce an id outside the vocabulary, even if a padded row's weights are large."""
@@ -184,6 +210,10 @@ def test_named_sizes_and_config_round_trip():
     assert (narrow.layers, narrow.heads, narrow.ffn) == (4, 4, 1024)
     assert ModelConfig.from_dict(narrow.as_dict()) == narrow
     assert flops_per_token(base, 128, predictions_per_row=20) < flops_per_token(base, 128)
+    # The last layer asked at 20 of 128 tokens: its query, output, FFN and attention shrink to that share.
+    saved = (1 - 20 / 128) * (6 * (2 * 768 * 768 + 2 * 768 * 3072) + 12 * 768 * 128)
+    assert math.isclose(flops_per_token(base, 128, 20, sparse_last_layer=True),
+                        flops_per_token(base, 128, 20) - saved)
     with pytest.raises(BertError, match="--size"):
         ModelConfig.from_size("huge", 1000)
     with pytest.raises(BertError, match=r"--heads \(5\) must divide --hidden \(64\)"):
