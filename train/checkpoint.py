@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -171,15 +170,16 @@ def _read_marker(path: Path) -> dict:
     return marker
 
 
-def verify_checkpoint(path: Path, hashed: Collection[str] | None = None) -> None:
+def verify_checkpoint(path: Path, hashed: Collection[str] | None = None) -> bool:
     """Checks a complete checkpoint against its marker: every file it lists is there with its size, and the files
     named in `hashed` (every file when None) have its sha256. A size costs a stat and a hash a read, so callers
-    hash what they are about to read anyway. Raises DamagedCheckpoint naming the first file that fails."""
+    hash what they are about to read anyway. Raises DamagedCheckpoint naming the first file that fails; returns
+    whether the marker lists the files (False for an older one, checked by `_verify_unlisted`)."""
     path = Path(path)
     marker = _read_marker(path)
     if "files" not in marker:
         _verify_unlisted(path, hashed)
-        return
+        return False
     files = marker["files"]
     if not all(isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
                for r in files.values()):
@@ -199,6 +199,7 @@ def verify_checkpoint(path: Path, hashed: Collection[str] | None = None) -> None
         if (hashed is None or name in hashed) and file_sha256(path / name) != record["sha256"]:
             raise DamagedCheckpoint(path, f"{name} does not match the sha256 in its {COMPLETE_MARKER} marker "
                                           f"(its bytes changed after the save)")
+    return True
 
 
 def _verify_unlisted(path: Path, hashed: Collection[str] | None) -> None:
@@ -287,7 +288,7 @@ def resolve_checkpoint(path: Path, what: str = "--init-from", hashed: Collection
 def verify_run(run_dir: Path) -> list[dict]:
     """Every checkpoint directory of the run (or the one checkpoint `run_dir` names) by step, every file hashed:
     {"checkpoint", "step", "status": "ok", "damaged" or "incomplete" (a save that was killed: never read),
-    "reason", "listed" (whether its marker records sizes and hashes)}."""
+    "reason", "listed" (for an ok one, whether its marker records sizes and hashes)}."""
     run_dir = Path(run_dir)
     if looks_like_checkpoint(run_dir) and run_dir.is_dir():
         candidates = [run_dir]
@@ -303,8 +304,7 @@ def verify_run(run_dir: Path) -> list[dict]:
             entry.update(status="incomplete", reason="no COMPLETE marker: a save that was interrupted")
         else:
             try:
-                entry["listed"] = "files" in _read_marker(path)
-                verify_checkpoint(path)
+                entry["listed"] = verify_checkpoint(path)
             except DamagedCheckpoint as exc:
                 entry.update(status="damaged", reason=exc.reason)
         found.append(entry)
@@ -320,17 +320,27 @@ def _set_aside(path: Path) -> Path:
     return target
 
 
+def _interrupted_save(path: Path) -> tuple[int, int | None] | None:
+    """(step, pid of the job writing it) of what a save that did not finish leaves in a checkpoints directory: a
+    staging directory (`.step-N.partial-PID-HEX`, `.step-N.old-PID-HEX`; pid None in older names) or a step
+    directory without its marker (pid None). None for anything else."""
+    staging = staging_owner(path)
+    if staging is not None:
+        match = _NAME_RE.fullmatch(staging[0])
+        return (int(match.group(1)), staging[1]) if match else None
+    match = _NAME_RE.fullmatch(path.name)
+    if match and path.is_dir() and not is_complete(path):
+        return int(match.group(1)), None
+    return None
+
+
 def remove_interrupted_saves(run_dir: Path) -> list[Path]:
     """Deletes what killed saves left in the run's checkpoints directory (partial and incomplete checkpoints,
     temporary files); returns what it deleted. Only while no save is running: at resume."""
     root = checkpoints_dir(run_dir)
     deleted = []
     for path in sorted(root.iterdir()) if root.is_dir() else ():
-        name = path.name
-        staging = staging_owner(path)  # .step-N.partial-PID-HEX, .step-N.old-PID-HEX
-        staged = staging is not None and _NAME_RE.fullmatch(staging[0])
-        incomplete = _NAME_RE.fullmatch(name) and path.is_dir() and not is_complete(path)
-        if staged or incomplete or _TEMPORARY_RE.fullmatch(name):
+        if _interrupted_save(path) is not None or _TEMPORARY_RE.fullmatch(path.name):
             remove(path)
             deleted.append(path)
     return deleted
@@ -378,17 +388,12 @@ def prune(run_dir: Path, keep_last: int) -> list[Path]:
             _remove_checkpoint(path)
             deleted.append(path)
     root = checkpoints_dir(run_dir)
-    for path in root.iterdir() if root.is_dir() else ():
-        staging = staging_owner(path)
-        name = staging[0] if staging else path.name
-        match = _NAME_RE.fullmatch(name)
-        if not match or int(match.group(1)) >= latest:
+    for path in sorted(root.iterdir()) if root.is_dir() else ():
+        save = _interrupted_save(path)
+        if save is None or save[0] >= latest:
             continue
-        if staging:
-            left = staging[1] is None or not process_alive(staging[1])  # never a live job's save in progress
-        else:
-            left = not is_complete(path)
-        if left:
-            shutil.rmtree(path, ignore_errors=True)
-            deleted.append(path)
+        if save[1] is not None and process_alive(save[1]):
+            continue  # never a live job's save in progress
+        remove(path, ignore_errors=True)
+        deleted.append(path)
     return deleted

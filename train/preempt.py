@@ -107,12 +107,12 @@ def agreed_stop(requests: StopRequests, runtime: Runtime) -> int:
 
 def resume_command(run_dir: Path) -> str:
     """The command line that continues the run, with torchrun's process counts when it runs under torchrun."""
-    command = f"-m train run --run-dir {shlex.quote(str(run_dir))} --resume"
+    run = f"run --run-dir {shlex.quote(str(run_dir))} --resume"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return f"berttrain run --run-dir {shlex.quote(str(run_dir))} --resume"
+        return f"berttrain {run}"
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if per_node == world_size:
-        return f"torchrun --standalone --nproc_per_node {per_node} {command}"
+        return f"torchrun --standalone --nproc_per_node {per_node} -m train {run}"
     return f"torchrun --nnodes {world_size // per_node} --nproc_per_node {per_node} (and your rendezvous options) " \
-           f"{command}"
+           f"-m train {run}"

@@ -73,11 +73,8 @@ def run_os_error(exc: OSError, run_dir: Path) -> str:
 
 
 def prepare_run_dir(config: TrainConfig) -> Path:
-    """The run directory, checked against --resume/--force and created (rank 0 only)."""
-    if config.run_dir is None:
-        run_dir = next_run_dir(Path(RUNS_DIR))
-    else:
-        run_dir = Path(config.run_dir)
+    """The run directory `claimed_run_dir` named, checked against --resume/--force and created (rank 0 only)."""
+    run_dir = Path(config.run_dir)
     if config.resume:
         if not run_dir.is_dir():
             raise BertError(f"--resume: there is no run at {run_dir}")

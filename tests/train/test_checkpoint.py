@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -53,14 +55,26 @@ def test_a_save_killed_halfway_is_never_resumed_from(tmp_path):
 
 
 def test_prune_keeps_the_last_k_and_the_best(tmp_path):
+    """Prune keeps the last k and the best, and deletes the saves older than the newest that were interrupted:
+    staging of jobs no longer running (or of older versions, without a pid) and step directories without their
+    marker; never a running job's staging, nor a save newer than the latest checkpoint."""
     for step in (10, 20, 30, 40, 50):
         _save(tmp_path, step)
     ckpt.write_best(tmp_path, 20, 3.5)
-    (tmp_path / "checkpoints" / ".step-00000015.partial").mkdir()
-    ckpt.prune(tmp_path, keep_last=2)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    root = tmp_path / "checkpoints"
+    live = f".step-00000035.partial-{os.getpid()}-0a1b2c"
+    newer = f".step-00000060.partial-{ended.pid}-0a1b2c"
+    for name in (".step-00000015.partial", f".step-00000025.old-{ended.pid}-0a1b2c", live, newer, "step-00000045"):
+        (root / name).mkdir()
+    deleted = ckpt.prune(tmp_path, keep_last=2)
     assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [20, 40, 50]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "best.json", "step-00000020", "step-00000040", "step-00000050"]
+    assert sorted(p.name for p in root.iterdir()) == sorted([
+        "best.json", "step-00000020", "step-00000040", "step-00000050", live, newer])
+    assert sorted(p.name for p in deleted) == sorted([
+        "step-00000010", "step-00000030", ".step-00000015.partial", f".step-00000025.old-{ended.pid}-0a1b2c",
+        "step-00000045"])
     assert ckpt.read_best(tmp_path)["checkpoint"] == "step-00000020"
 
 
