@@ -26,8 +26,15 @@ class WorkerPool:
                 context, args = multiprocessing.get_context("fork"), initargs
             else:
                 context, args = multiprocessing.get_context("spawn"), spawn_initargs
-            self._pool = context.Pool(workers, initializer=_start_worker,
-                                      initargs=(os.getpid(), initializer, *args))
+            # SIGTERM stays blocked while the workers start, and they inherit that: a pool that fails half-way (out of
+            # file descriptors) terminates the workers it has, and one just forked would lose a SIGTERM that came
+            # before Python set up its signals (the job then hung in join). Blocked, it waits for _start_worker.
+            blocked = _block_sigterm()
+            try:
+                self._pool = context.Pool(workers, initializer=_start_worker,
+                                          initargs=(os.getpid(), initializer, *args))
+            finally:
+                _restore_sigmask(blocked)
 
     def __enter__(self) -> "WorkerPool":
         return self
@@ -60,8 +67,23 @@ def _start_worker(parent: int, initializer: Callable, *initargs) -> None:
     # terminate() sends SIGTERM holding the task queue's lock; the CLI's Python-level handler runs only between
     # bytecodes, so a worker it reached just as it blocked on that lock never ran it, and terminate() hung.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a SIGTERM already sent kills it here
     _die_with_parent(parent)
     initializer(*initargs)
+
+
+def _block_sigterm():
+    """Blocks SIGTERM in this thread; returns the mask to restore (None where there are no signal masks)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _restore_sigmask(mask) -> None:
+    """Restores the mask `_block_sigterm` returned; a SIGTERM that came meanwhile is delivered now."""
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _die_with_parent(parent: int) -> None:
