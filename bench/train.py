@@ -193,12 +193,10 @@ def trainer_row(args, device: torch.device, precision: str) -> dict:
     seconds = sum(step_seconds)
     with torch.device("meta"):  # only its parameter count is needed
         params = count_parameters(new_model(model_config))
-    flops = modernbert.flops_per_token(model_config, dataset.max_len, predictions, sparse_last_layer=True) \
-        if args.arch == "modernbert" else flops_per_token(model_config, dataset.max_len, predictions,
-                                                           sparse_last_layer=True)
+    flops = modernbert.flops_per_token if args.arch == "modernbert" else flops_per_token
     return {"tokens_per_s": len(step_seconds) * tokens_per_step / seconds,
             "data_wait_frac": sum(w * t for w, t in zip(waits, step_seconds)) / seconds,
-            "flops": flops, "params": params,
+            "flops": flops(model_config, dataset.max_len, predictions, sparse_last_layer=True), "params": params,
             "max_len": dataset.max_len}
 
 

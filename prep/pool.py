@@ -7,6 +7,7 @@ import ctypes
 import multiprocessing
 import os
 import signal
+from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -29,12 +30,9 @@ class WorkerPool:
             # SIGTERM stays blocked while the workers start, and they inherit that: a pool that fails half-way (out of
             # file descriptors) terminates the workers it has, and one just forked would lose a SIGTERM that came
             # before Python set up its signals (the job then hung in join). Blocked, it waits for _start_worker.
-            blocked = _block_sigterm()
-            try:
+            with _sigterm_blocked():
                 self._pool = context.Pool(workers, initializer=_start_worker,
                                           initargs=(os.getpid(), initializer, *args))
-            finally:
-                _restore_sigmask(blocked)
 
     def __enter__(self) -> "WorkerPool":
         return self
@@ -73,17 +71,18 @@ def _start_worker(parent: int, initializer: Callable, *initargs) -> None:
     initializer(*initargs)
 
 
-def _block_sigterm():
-    """Blocks SIGTERM in this thread; returns the mask to restore (None where there are no signal masks)."""
+@contextmanager
+def _sigterm_blocked() -> Iterator[None]:
+    """SIGTERM blocked in this thread while the block runs (where there are signal masks); one that came meanwhile
+    is delivered as it ends."""
     if not hasattr(signal, "pthread_sigmask"):
-        return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-
-
-def _restore_sigmask(mask) -> None:
-    """Restores the mask `_block_sigterm` returned; a SIGTERM that came meanwhile is delivered now."""
-    if mask is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _die_with_parent(parent: int) -> None:
