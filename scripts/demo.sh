@@ -14,8 +14,8 @@ bin=.venv/bin
 # ModernBERT (rotary positions) reads context at 128-token rows within a CPU demo's minutes; its defaults re-mask
 # the shards' 15% at 30% on the fly. The demo corpus is small (2,103 rows), so it takes more, smaller steps: 16 rows
 # a step learned 25% at [MASK] in the time 32 rows a step learned 17% (docs/benchmarks.md).
-"$bin/berttrain" run --shards data/pydoc_128 --arch modernbert --size mini --batch-size 16 --steps 600 \
-  --eval-every 300 --run-dir runs/demo --force
+"$bin/berttrain" run --shards data/pydoc_128 --arch modernbert --size mini --batch-size 16 --steps 900 \
+  --eval-every 450 --run-dir runs/demo --force
 "$bin/berttrain" eval --run runs/demo --samples 1
 "$bin/berttrain" export --run runs/demo --hf runs/demo/hf --force
 "$bin/berttrain" predict --run runs/demo -k 3 "return the [MASK] of the list ." "if the file does not [MASK] , an error is raised ."
