@@ -13,7 +13,7 @@ bin=.venv/bin
 "$bin/bertprep" peek data/pydoc_128 --stats
 # ModernBERT (rotary positions) reads context at 128-token rows within a CPU demo's minutes; its defaults re-mask
 # the shards' 15% at 30% on the fly. The demo corpus is small (2,103 rows), so it takes more, smaller steps: 16 rows
-# a step learned 25% at [MASK] in the time 32 rows a step learned 17% (docs/benchmarks.md).
+# a step learned more in the same time than 32 (docs/benchmarks.md, "The README's examples").
 "$bin/berttrain" run --shards data/pydoc_128 --arch modernbert --size mini --batch-size 16 --steps 900 \
   --eval-every 450 --run-dir runs/demo --force
 "$bin/berttrain" eval --run runs/demo --samples 1
