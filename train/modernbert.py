@@ -319,11 +319,13 @@ class ModernBertModel(nn.Module):
         global_mask = key_mask(attention_mask)
         x = self.embeddings(input_ids)
         index = torch.arange(length, device=x.device)
-        local_mask = self._local_mask(global_mask, index[:, None], index) \
-            if not all(layer.is_global for layer in self.layers) else None
+        asking = len(self.layers) - 1 if positions is not None else None  # the layer that asks at the positions only
+        local_mask = None  # [L, L] (or [B, 1, L, L]), built only if a local layer asks at every token
+        if any(not layer.is_global for i, layer in enumerate(self.layers) if i != asking):
+            local_mask = self._local_mask(global_mask, index[:, None], index)
         tables = {True: self.global_rotary(length, x.device), False: self.local_rotary(length, x.device)}
         for i, layer in enumerate(self.layers):
-            queries = positions.long() if positions is not None and i == len(self.layers) - 1 else None
+            queries = positions.long() if i == asking else None
             mask = global_mask if layer.is_global else local_mask
             if queries is not None and not layer.is_global:
                 mask = self._local_mask(global_mask, queries[:, None, :, None], index)

@@ -153,12 +153,13 @@ def test_gradients_match_transformers(every):
         assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item()), name
 
 
-@pytest.mark.parametrize("every", [3, 2], ids=["last-layer-global", "last-layer-local"])
-def test_last_layer_at_positions_gives_the_full_runs_vectors(every):
+@pytest.mark.parametrize("every, layers", [(3, 4), (2, 4), (2, 2)],
+                         ids=["last-layer-global", "last-layer-local", "only-the-last-layer-local"])
+def test_last_layer_at_positions_gives_the_full_runs_vectors(every, layers):
     """Asking for some positions runs the last layer at those alone, and gives what the full run gives there:
     positions in padding, repeated, and at both ends of a row crossing the window included."""
     torch.manual_seed(5)
-    model = ModernBertForPretraining(tiny_config(global_attn_every_n_layers=every)).model.eval()
+    model = ModernBertForPretraining(tiny_config(global_attn_every_n_layers=every, layers=layers)).model.eval()
     input_ids, _ = padded_batch(128, seed=5)
     positions = torch.tensor([[0, 127, 64, 64, 5], [0, 63, 64, 100, 127], [9, 10, 11, 0, 120]])
     with torch.no_grad():
