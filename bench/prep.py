@@ -12,6 +12,7 @@ share and the peak memory per process are exact, not sampled.
 
     python bench/prep.py                    # ~4 min on 2 idle cores; writes the "## Prep" section of docs/benchmarks.md
     python bench/prep.py --trials 2 --sweep 1,8 --no-write-docs --max-wait 0
+    python bench/prep.py --workers 16 --corpus big.txt.zst   # many cores: a corpus that makes start-up small
 """
 
 from __future__ import annotations
@@ -61,8 +62,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-wait", type=float, default=600,
                         help="seconds to wait for an idle machine before each measured job (default 600)")
     parser.add_argument("--out", type=Path, help="scratch directory (kept); default: a temporary one, removed")
-    parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True,
-                        help=f"replace the '{SECTION}' section of docs/benchmarks.md")
+    parser.add_argument("--corpus", type=Path, action="append",
+                        help="a corpus file (.txt or .zst; repeatable) in place of the docs corpus: real text that "
+                             "does not repeat; on a many-core machine, one large enough that start-up is a small "
+                             "share of the job")
+    parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"replace the '{SECTION}' section of docs/benchmarks.md (default: with the docs "
+                             f"corpus only)")
     parser.add_argument("--child", choices=("shard", "raw", "hf", "hf-load"), help=argparse.SUPPRESS)
     parser.add_argument("--child-args", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -268,7 +274,10 @@ def write_broken(source: Path, path: Path) -> int:
     spread over it; returns its size."""
     import zstandard
 
-    data = bytearray(zstandard.ZstdDecompressor().decompress(source.read_bytes()))
+    data = source.read_bytes()
+    if source.suffix == ".zst":
+        data = zstandard.ZstdDecompressor().decompress(data)
+    data = bytearray(data)
     for k in range(INVALID_SEQUENCES):
         position = data.index(b" ", (k + 1) * len(data) // (INVALID_SEQUENCES + 1))
         data[position : position + 1] = b" \xff"
@@ -277,7 +286,7 @@ def write_broken(source: Path, path: Path) -> int:
 
 
 def train_shared_vocab(inputs: list[Path], scratch: Path) -> tuple[Path, Path, int]:
-    """Our WordPiece vocabulary (30522 entries asked) trained on the docs corpus; a copy of its vocab.txt for HF."""
+    """Our WordPiece vocabulary (30522 entries asked) trained on the corpus; a copy of its vocab.txt for HF."""
     from prep.vocab import VocabConfig, make_vocab
 
     vocab_dir = scratch / "vocab"
@@ -369,9 +378,9 @@ def render(info: dict, workers: int, corpus: dict, results: dict, sweep: list[di
         f"{min(results['idle']):.0%} to {max(results['idle']):.0%}. Our 1- and {workers}-worker rows ran {trials} "
         f"times each, side by side, and show their fastest run; the Hugging Face row ran once, in the same run.",
         "",
-        f"Corpus: `../shared/corpora/docs/*.zst`, {corpus['files']} files, {corpus['bytes'] / 1e6:.1f} MB of real "
-        f"English documentation that does not repeat, {corpus['documents']:,} documents, {tokens:,} WordPiece "
-        f"tokens as our reader and tokenizer see them. Both pipelines read the .zst files as they are. Vocabulary: "
+        f"Corpus: {corpus['named']}, {corpus['files']} files, {corpus['bytes'] / 1e6:.1f} MB, "
+        f"{corpus['documents']:,} documents, {tokens:,} WordPiece "
+        f"tokens as our reader and tokenizer see them. Both pipelines read the files as they are. Vocabulary: "
         f"`bertprep vocab` (WordPiece, uncased, {corpus['vocab_size']:,} entries) trained on the corpus; Hugging "
         f"Face loads the same vocab.txt (`BertTokenizerFast.from_pretrained`, `len(tokenizer) == "
         f"{corpus['vocab_size']}` asserted). Every rate divides these {tokens:,} tokens by the row's wall time "
@@ -493,20 +502,23 @@ def main() -> None:
     if args.child:
         run_child(args)
         return
-    if not DOCS_CORPUS:
-        raise SystemExit(f"no corpus at {_SHARED / 'corpora' / 'docs'}/*.zst")
+    inputs = args.corpus or DOCS_CORPUS
+    if not inputs:
+        raise SystemExit(f"no corpus at {_SHARED / 'corpora' / 'docs'}/*.zst (or give --corpus)")
+    if missing := [str(path) for path in inputs if not path.is_file()]:
+        raise SystemExit(f"corpus not found: {', '.join(missing)}")
     workers = args.workers or len(os.sched_getaffinity(0))
     scratch = args.out or Path(tempfile.mkdtemp(prefix="bench-prep-"))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        vocab_dir, hf_vocab_dir, vocab_size = train_shared_vocab(DOCS_CORPUS, scratch)
+        vocab_dir, hf_vocab_dir, vocab_size = train_shared_vocab(inputs, scratch)
         loads, results = [load_average()], {"pairs": [], "idle": []}
         # The machine's speed drifts (a shared VM, and one busy core runs faster than two): the rows compared run
         # side by side in every trial, and each keeps its fastest.
         for trial in range(args.trials):
             for name, processes in (("raw", 1), ("raw_many", workers)):
                 wait_for_quiet(args.max_wait, results["idle"])
-                command = child_command("raw", inputs=[str(p) for p in DOCS_CORPUS], vocab=str(vocab_dir),
+                command = child_command("raw", inputs=[str(p) for p in inputs], vocab=str(vocab_dir),
                                         processes=processes)
                 raw = json.loads(run_measured(command, scratch, f"{name}_{trial}").stdout)
                 if name not in results or raw["encode_s"] < results[name]["encode_s"]:
@@ -515,23 +527,23 @@ def main() -> None:
             pair = []
             for name, processes in (("one", 1), ("many", workers)):
                 wait_for_quiet(args.max_wait, results["idle"])
-                shard = measure_shard(DOCS_CORPUS, vocab_dir, scratch, processes, f"docs_{name}_{trial}")
+                shard = measure_shard(inputs, vocab_dir, scratch, processes, f"docs_{name}_{trial}")
                 pair.append(shard["measured"].wall_s)
                 if name not in results or shard["measured"].wall_s < results[name]["measured"].wall_s:
                     results[name] = shard
-                print(f"docs {name} trial {trial}: {shard['measured']}", file=sys.stderr)
+                print(f"{name} trial {trial}: {shard['measured']}", file=sys.stderr)
             results["pairs"].append(tuple(pair))
             loads.append(load_average())
-        print(f"docs corpus: {results['raw']['tokens']:,} tokens; vocab {vocab_size}; {workers} workers",
+        print(f"corpus: {results['raw']['tokens']:,} tokens; vocab {vocab_size}; {workers} workers",
               file=sys.stderr)
         wait_for_quiet(args.max_wait, results["idle"])
-        results["hf"] = measure_hf("hf", scratch, "hf", inputs=[str(p) for p in DOCS_CORPUS],
+        results["hf"] = measure_hf("hf", scratch, "hf", inputs=[str(p) for p in inputs],
                                    vocab_dir=str(hf_vocab_dir), vocab_size=vocab_size, workers=workers)
         print(f"hf: {results['hf']}", file=sys.stderr)
         loads.append(load_average())
 
         broken_path = scratch / "broken.txt"
-        broken_bytes = write_broken(DOCS_CORPUS[0], broken_path)
+        broken_bytes = write_broken(inputs[0], broken_path)
         results["broken"] = {"bytes": broken_bytes,
                              "ours": measure_shard([broken_path], vocab_dir, scratch, workers, "broken"),
                              "hf": measure_hf("hf-load", scratch, "hf_broken", inputs=[str(broken_path)])}
@@ -551,7 +563,9 @@ def main() -> None:
                                   SWEEP_ROWS_PER_SHARD)
             sweep.append({**wiki[c], "default": default, "small": small})
         loads.append(load_average())
-        corpus = {"files": len(DOCS_CORPUS), "bytes": results["one"]["read"]["bytes"],
+        named = f"`{', '.join(str(path) for path in args.corpus)}` (--corpus)" if args.corpus else \
+            "`../shared/corpora/docs/*.zst`, real English documentation that does not repeat"
+        corpus = {"named": named, "files": len(inputs), "bytes": results["one"]["read"]["bytes"],
                   "documents": sum(results["one"]["documents"].values()), "vocab_size": vocab_size,
                   "wiki_copies": args.repeat, "wiki_bytes": wiki[args.repeat]["bytes"],
                   "wiki_tokens": wiki_raw["tokens"]}
@@ -561,7 +575,7 @@ def main() -> None:
 
     section = render(machine_info(), workers, corpus, results, sweep, loads, args.trials, args.max_wait)
     print(section)
-    if args.write_docs:
+    if args.write_docs if args.write_docs is not None else not args.corpus:
         write_docs(section)
         print(f"wrote the '{SECTION}' section of {DOCS_FILE.relative_to(ROOT)}", file=sys.stderr)
 
