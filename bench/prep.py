@@ -575,7 +575,8 @@ def main() -> None:
 
     section = render(machine_info(), workers, corpus, results, sweep, loads, args.trials, args.max_wait)
     print(section)
-    if args.write_docs if args.write_docs is not None else not args.corpus:
+    write = args.write_docs if args.write_docs is not None else not args.corpus  # the section is the docs corpus's
+    if write:
         write_docs(section)
         print(f"wrote the '{SECTION}' section of {DOCS_FILE.relative_to(ROOT)}", file=sys.stderr)
 
