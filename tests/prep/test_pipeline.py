@@ -160,7 +160,7 @@ def test_interrupted_run_leaves_no_dataset_and_rerun_completes(tmp_path, vocab_d
     out = tmp_path / "out"
     def shard_command(out_dir):
         return [sys.executable, "-m", "prep", "shard", "-i", str(big), "--vocab", str(vocab_dir), "-o", str(out_dir),
-                "--workers", str(workers), "--quiet", "--max-len", "64"]
+                "--workers", str(workers), "--quiet", "--max-len", "64", "--dupe-factor", "3"]  # copies: uncached work
 
     command = shard_command(out)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -171,8 +171,9 @@ def test_interrupted_run_leaves_no_dataset_and_rerun_completes(tmp_path, vocab_d
 
     deadline = time.monotonic() + 60
     while not any((p / "scratch").exists() for p in partials()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)
+        time.sleep(0.01)
+    time.sleep(0.05)  # the pool has started (scratch is made after it) and the workers are reading; well before the end
+    assert process.poll() is None, "the job ended before it could be interrupted: give it more input"
     process.send_signal(how)
     _, stderr = process.communicate(timeout=60)
     assert not out.exists()
