@@ -198,7 +198,7 @@ def hugging_face(arch: str, shards: Path, val: dict, special: dict, args, sparse
     train_split, vocab_size = dataset.split("train"), int(dataset.vocab["size"])
     # from_pretrained: transformers 5 builds `BertTokenizerFast(vocab_file=...)` with the special tokens alone, and the
     # collator draws its random replacements from range(len(tokenizer)).
-    tokenizer = BertTokenizerFast.from_pretrained(str(Path(dataset.vocab_file).parent), do_lower_case=True)
+    tokenizer = BertTokenizerFast.from_pretrained(str(dataset.vocab_file.parent), do_lower_case=True)
     assert len(tokenizer) == vocab_size, f"the tokenizer holds {len(tokenizer)} tokens, the vocabulary {vocab_size}"
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=HF_MASK_PROB[arch], seed=SEED)
     model = hf_model(arch, vocab_size, special, args.size, args.max_len, sparse)

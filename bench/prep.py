@@ -274,8 +274,10 @@ def write_broken(source: Path, path: Path) -> int:
     spread over it; returns its size."""
     import zstandard
 
+    from prep.textio import is_zstd
+
     data = source.read_bytes()
-    if source.suffix == ".zst":
+    if is_zstd(source):
         data = zstandard.ZstdDecompressor().decompress(data)
     data = bytearray(data)
     for k in range(INVALID_SEQUENCES):
